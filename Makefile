@@ -1,0 +1,34 @@
+# Two entry points, each sets up .venv first (idempotent: a second run skips the install).
+#   make figures   regenerate the course's CPU figures into figures/
+#   make test      lint + the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first, and only if the venv has none. PyPI's Linux wheel of torch is a CUDA
+# build; on the CI machines this pin resolves to a local CPU build. To use another build, install
+# it into .venv before running make (see README).
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+
+.PHONY: setup test figures gpu-bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	touch $@
+
+test: setup
+	$(BIN)/ruff check minipaged tests
+	$(BIN)/python -m pytest -q
+
+figures: setup
+	$(BIN)/python -m minipaged.experiments --out figures
+
+gpu-bench: setup
+	$(BIN)/python -m minipaged.experiments.kernel_bench --out figures
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,8 @@
+"""minipaged: PagedAttention (Kwon et al., SOSP 2023) built small enough to read.
+
+``minipaged.kv`` holds the two KV caches side by side, ``minipaged.ops`` the attention and cache
+kernels (Triton beside plain PyTorch), ``minipaged.workloads`` and ``minipaged.experiments`` the
+traces and the paper's charts.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""What the contiguous and the paged KV cache share (paper §3 and §4).
+
+Both caches keep, per layer, one key tensor and one value tensor, and address them by *slot*:
+the index of one token's K/V row when the cache is seen as a flat array of rows. Writing the
+K/V of new tokens is a scatter to their slots (``slot_mapping``); reading a sequence back is a
+gather through the slots of its positions. Only the *mapping* from a sequence's positions to
+slots differs between the two designs:
+
+* contiguous (``ContiguousKVCache``): slot = start of the sequence's slab + position;
+* paged (``PagedKVCache``): slot = block_table[position // block_size] * block_size
+  + position % block_size.
+
+So this class holds the tensors and the per-sequence lengths, and implements writing, reading,
+input checks and the memory breakdown once; the subclasses implement allocation and the mapping.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from minipaged import ops
+from minipaged.kv.accounting import Extent, MemoryBreakdown, breakdown
+
+
+class KVCacheFull(RuntimeError):
+    """The cache cannot take this allocation *now* (try again after something is freed).
+
+    Not an input error: the request is valid and would fit in an emptier cache. The cache is
+    left exactly as it was.
+    """
+
+
+def check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class KVCache(ABC):
+    """Per-layer K/V tensors addressed by slot, and the lengths of the sequences living in them."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_seq_len: int,
+    ) -> None:
+        for name, value in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_seq_len", max_seq_len)]:
+            check_positive(name, value)
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.max_seq_len = dtype, torch.device(device), max_seq_len
+        full_shape = (*shape, num_kv_heads, head_dim)
+        self.k_caches = [torch.zeros(full_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(full_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self._num_tokens: dict[int, int] = {}  # live sequences (in the cache) -> tokens stored
+        self._final_len: dict[int, int | None] = {}  # every known sequence -> true final length
+        self._swapped: dict[int, int] = {}  # swapped-out sequences (K/V in CPU memory) -> tokens
+
+    # -- what each design provides ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Total token slots of the KV space (on the cache's device)."""
+
+    @abstractmethod
+    def slot_mapping(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """int64 slots of positions ``[start, end)`` of a live sequence."""
+
+    @abstractmethod
+    def _extents(self) -> list[Extent]:
+        """Allocated memory, for the breakdown."""
+
+    @abstractmethod
+    def _free_slots(self, next_request: tuple[int, int | None] | None) -> tuple[int, int]:
+        """(free slots, free slots that could serve ``next_request``)."""
+
+    # -- sequences -------------------------------------------------------------------------
+    @property
+    def seq_ids(self) -> list[int]:
+        """Sequences whose K/V is in the cache (not swapped out)."""
+        return list(self._num_tokens)
+
+    def num_tokens(self, seq_id: int) -> int:
+        self._check_live(seq_id)
+        return self._num_tokens[seq_id]
+
+    def is_swapped(self, seq_id: int) -> bool:
+        return seq_id in self._swapped
+
+    def _check_live(self, seq_id: int) -> None:
+        if seq_id not in self._num_tokens:
+            state = "is swapped out" if seq_id in self._swapped else "is not in the cache"
+            raise ValueError(f"sequence {seq_id} {state}; live sequences: {sorted(self._num_tokens)}")
+
+    def _check_new(self, seq_id: int) -> None:
+        if seq_id in self._final_len:
+            raise ValueError(f"sequence id {seq_id} is already in use")
+
+    def _check_swapped(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            if seq_id not in self._swapped:
+                raise ValueError(f"sequence {seq_id} is not swapped out; swapped: {sorted(self._swapped)}")
+
+    def _check_lengths(self, num_tokens: int, final_len: int | None) -> None:
+        check_positive("num_tokens", num_tokens)
+        if num_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {num_tokens} tokens exceeds max_seq_len={self.max_seq_len}")
+        if final_len is not None and not num_tokens <= final_len <= self.max_seq_len:
+            raise ValueError(
+                f"final_len must be between the prompt length ({num_tokens}) and "
+                f"max_seq_len ({self.max_seq_len}), got {final_len}"
+            )
+
+    def _check_growth(self, seq_id: int, num_tokens: int) -> int:
+        """Validate an append of ``num_tokens``; return the new length."""
+        self._check_live(seq_id)
+        check_positive("num_tokens", num_tokens)
+        new_len = self._num_tokens[seq_id] + num_tokens
+        limit = self._final_len[seq_id] or self.max_seq_len
+        if new_len > limit:
+            what = "final_len" if self._final_len[seq_id] else "max_seq_len"
+            raise ValueError(f"sequence {seq_id} would grow to {new_len} tokens, past its {what} of {limit}")
+        return new_len
+
+    # -- K/V data --------------------------------------------------------------------------
+    def _blocks(self, cache: torch.Tensor) -> torch.Tensor:
+        """A layer's tensor as ``[num_blocks, block_size, H_kv, D]`` (a view), the kernels' layout."""
+        return cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    @abstractmethod
+    def block_size(self) -> int:
+        """Slots per block (1 for the contiguous cache, whose blocks are single slots)."""
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        expected = (slot_mapping.shape[0], self.num_kv_heads, self.head_dim)
+        for name, tensor in [("key", key), ("value", value)]:
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} must have shape {list(expected)}, got {list(tensor.shape)}")
+        ops.write_to_cache(
+            key.to(self.dtype), value.to(self.dtype),
+            self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]),
+            slot_mapping.to(device=self.device, dtype=torch.int64),
+        )
+
+    def read(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's keys and values, ``[num_tokens, H_kv, D]`` each, gathered through its slots."""
+        slots = self.slot_mapping(seq_id)
+        rows = (-1, self.num_kv_heads, self.head_dim)
+        return self.k_caches[layer].view(rows)[slots], self.v_caches[layer].view(rows)[slots]
+
+    # -- accounting ------------------------------------------------------------------------
+    def memory_breakdown(self, next_request: tuple[int, int | None] | None = None) -> MemoryBreakdown:
+        """The Figure 2 categories now (see ``minipaged.kv.accounting`` for the definitions).
+
+        ``next_request`` is ``(prompt_len, final_len)`` of the request waiting at the head of the
+        queue, or None when none waits.
+        """
+        free, servable = self._free_slots(next_request)
+        return breakdown(self._extents(), free, servable)
