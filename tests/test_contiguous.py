@@ -84,24 +84,30 @@ def make(num_slots=256, reservation="max", **kw) -> ContiguousKVCache:
     return ContiguousKVCache(num_slots, reservation, **kw)
 
 
-@pytest.mark.parametrize("reservation, expected", [("max", 64), ("pow2", 32), ("oracle", 20)])
+@pytest.mark.parametrize("reservation, expected", [("max", 64), ("pow2", 12 + 16), ("oracle", 21)])
 def test_reservation_policies(reservation, expected):
     cache = make(reservation=reservation)
-    cache.allocate(0, 12, final_len=20)
+    cache.allocate(0, 12, final_len=21)  # output of 9 tokens: pow2 reserves 16 for it (paper §6.1)
     assert cache.slab(0)[1] == expected
     assert cache.buddy.num_free_slots == 256 - expected
 
 
+def test_pow2_is_capped_at_max_seq_len():
+    cache = make(reservation="pow2", max_seq_len=64)
+    cache.allocate(0, 40, final_len=60)  # 40 + next_pow2(20) = 72 > 64
+    assert cache.slab(0)[1] == 64
+
+
 def test_breakdown_of_one_request_per_policy():
-    # 12 tokens now, 20 at the end. Arena 256 slots; max_seq_len 64.
+    # 12 tokens now, 21 at the end. Arena 256 slots; max_seq_len 64.
     expected = {
-        "max": MemoryBreakdown(12, 8, 44, 0, 192),
-        "pow2": MemoryBreakdown(12, 8, 12, 0, 224),
-        "oracle": MemoryBreakdown(12, 8, 0, 0, 236),
+        "max": MemoryBreakdown(12, 9, 64 - 21, 0, 256 - 64),
+        "pow2": MemoryBreakdown(12, 9, 28 - 21, 0, 256 - 28),
+        "oracle": MemoryBreakdown(12, 9, 0, 0, 256 - 21),
     }
     for policy, want in expected.items():
         cache = make(reservation=policy)
-        cache.allocate(0, 12, final_len=20)
+        cache.allocate(0, 12, final_len=21)
         assert cache.memory_breakdown() == want
         assert cache.memory_breakdown().total == 256
 
@@ -121,14 +127,14 @@ def test_external_fragmentation_counts_free_blocks_too_small_for_the_next_reques
 
 def test_fork_copies_into_a_new_slab_and_swap_round_trips():
     cache = make(256, "pow2")
-    cache.allocate(0, 5, final_len=9)
+    cache.allocate(0, 5, final_len=9)  # 5 + next_pow2(4) = 9
     k, v = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
     cache.write(0, cache.slot_mapping(0), k, v)
     cache.fork(0, 1)
-    assert cache.slab(1)[1] == 16 and cache.slab(1)[0] != cache.slab(0)[0]
+    assert cache.slab(1)[1] == 9 and cache.slab(1)[0] != cache.slab(0)[0]
     assert torch.equal(cache.read(1, 0)[0], k) and torch.equal(cache.read(1, 0)[1], v)
     cache.swap_out([0])
-    assert cache.buddy.num_free_slots == 256 - 16
+    assert cache.buddy.num_free_slots == 256 - 9
     cache.swap_in([0])
     assert torch.equal(cache.read(0, 0)[0], k) and torch.equal(cache.read(0, 0)[1], v)
     cache.free(0)

@@ -150,6 +150,7 @@ class CacheMachine(RuleBasedStateMachine):
                 held = Counter(b for table in pool.tables.values() for b in table)
                 a = pool.allocator
                 assert all(a.ref_counts[b] == held.get(b, 0) for b in range(a.num_blocks))
+                assert a.num_shared == sum(count > 1 for count in a.ref_counts)
                 unused = sorted(list(a.free_list) + list(a.evictable))
                 assert unused == sorted(b for b in range(a.num_blocks) if b not in held)
             for seq_id in self.live():

@@ -7,7 +7,9 @@ must be *reserved* for the worst case. The paper's Orca baselines differ only in
 they reserve (§6.1):
 
 * ``max``: the model's maximum sequence length, whatever the request;
-* ``pow2``: the next power of two of the request's true total length (at most 2x too much);
+* ``pow2``: the prompt plus the next power of two of the request's true *output* length ("if
+  the true output length is 25, it reserves 32 positions for outputs", §6.1), so at most 2x
+  too much for the output;
 * ``oracle``: exactly the true total length (an impossible ideal: it knows the future).
 
 Slabs are carved out of one arena per layer (``[num_slots, num_kv_heads, head_dim]``) by a
@@ -82,7 +84,8 @@ class ContiguousKVCache(KVCache):
         elif final_len is None:
             raise ValueError(f"reservation {self.reservation!r} needs the request's final_len")
         elif self.reservation == "pow2":
-            size = max(final_len, min(next_power_of_two(final_len), self.max_seq_len))
+            # The prompt is at most max_seq_len, so the cap keeps size >= final_len.
+            size = min(num_tokens + next_power_of_two(final_len - num_tokens), self.max_seq_len)
         else:
             size = final_len
         self.buddy.block_size_for(size)  # ValueError if the arena can never hold it

@@ -55,6 +55,7 @@ class BlockAllocator:
         self.cached: dict[bytes, int] = {}  # content hash -> block holding that content
         self.block_hash: dict[int, bytes] = {}  # block -> its content hash (cached blocks only)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with count 0, LRU first
+        self.num_shared = 0  # blocks with a count > 1
 
     @property
     def num_free(self) -> int:
@@ -81,10 +82,12 @@ class BlockAllocator:
         if self.ref_counts[block] == 0:
             del self.evictable[block]
         self.ref_counts[block] += 1
+        self.num_shared += self.ref_counts[block] == 2
 
     def release(self, block: int) -> None:
         """One reference fewer; at zero the block is free (or evictable, if it is cached)."""
         self.ref_counts[block] -= 1
+        self.num_shared -= self.ref_counts[block] == 1
         if self.ref_counts[block] == 0:
             if block in self.block_hash:
                 self.evictable[block] = None
@@ -392,9 +395,16 @@ class PagedKVCache(KVCache):
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _extents(self) -> list[Extent]:
+        bs = self.block_size
+        if self.allocator.num_shared == 0:
+            # Nothing shared (the common case): one extent per sequence, O(sequences) per call.
+            extents = []
+            for seq_id, table in self.block_tables.items():
+                slots = len(table) * bs
+                extents.append(Extent(slots, self._num_tokens[seq_id], min(self._final_len[seq_id] or slots, slots)))
+            return extents
         # One extent per physical block; a shared block's fill is the same for all its holders.
         per_block: dict[int, Extent] = {}
-        bs = self.block_size
         for seq_id, table in self.block_tables.items():
             n = self._num_tokens[seq_id]
             final = self._final_len[seq_id] or len(table) * bs
