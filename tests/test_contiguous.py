@@ -199,3 +199,19 @@ def test_bad_calls_leave_the_cache_unchanged():
     with pytest.raises(ValueError, match="largest block"):  # 33 slots need an aligned 64: never fits
         small.allocate(0, 33, final_len=33)
     assert small.buddy.free_blocks() == [(0, 32), (32, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fork_and_swap_on_cuda():
+    cache = make(256, "oracle", device="cuda", dtype=torch.float16, num_layers=2)
+    cache.allocate(0, 5, final_len=9)
+    k, v = torch.randn(5, 2, 4, device="cuda").half(), torch.randn(5, 2, 4, device="cuda").half()
+    for layer in range(2):
+        cache.write(layer, cache.slot_mapping(0), k, v)
+    cache.fork(0, 1)
+    cache.swap_out([0])
+    assert cache._swap_space[0][1][0].is_pinned()
+    cache.swap_in([0])
+    for layer in range(2):
+        assert torch.equal(cache.read(0, layer)[0], k) and torch.equal(cache.read(1, layer)[1], v)

@@ -259,3 +259,25 @@ def test_append_when_out_of_blocks_raises_and_changes_nothing():
     with pytest.raises(KVCacheFull):
         cache.append_slots(0)
     assert snapshot(cache) == before
+
+
+# -- on a GPU: the same operations with CUDA tensors and pinned swap space --------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fork_copy_on_write_and_swap_on_cuda():
+    cache = make(16, 4, device="cuda", dtype=torch.bfloat16, num_cpu_blocks=16, num_layers=2)
+    assert cache.cpu_pool.k_caches[0].is_pinned()
+    cache.allocate(0, 6)
+    k, v = rows(6, 10).cuda().bfloat16(), rows(6, 11).cuda().bfloat16()
+    for layer in range(2):
+        cache.write(layer, cache.slot_mapping(0), k, v)
+    cache.fork(0, 1)
+    assert cache.append_slots(1) == [(1, 2)]
+    cache.swap_out([0, 1])
+    cache.allocate(2, 64)
+    cache.free(2)
+    cache.swap_in([0, 1])
+    for layer in range(2):
+        for seq_id in (0, 1):
+            got_k, got_v = cache.read(seq_id, layer)
+            assert torch.equal(got_k[:6], k) and torch.equal(got_v[:6], v)
