@@ -1,0 +1,121 @@
+"""The memory breakdown over time, contiguous against paged: Figure 2's averages (§3) unrolled,
+so that the reader sees the waste appear as requests arrive.
+
+Both caches serve the same ShareGPT-like trace (default 400 requests at 2 req/s, the rate of the
+paper's Figure 13) through the serving loop of `minipaged.experiments.serve`, with a step of
+40 ms (see `minipaged.experiments.batching` for that choice). The contiguous cache (reservation
+policy `pow2` by default, which shows all three kinds of waste) fills the KV space with
+reservations long before it is filled with tokens, and requests queue up while a third of the
+space is reserved or unusable; the paged cache fills the same space with token states.
+
+What is plotted: each category's share of the KV space, averaged over bins of consecutive steps
+(about 500 bins per run), against time, with the number of waiting requests on a second axis;
+dashed lines mark the paper's Figure 2 token-state share for the same system.
+
+    python -m minipaged.experiments.timeline --out DIR [--reservation max|pow2|oracle] [--rate R]
+
+Writes DIR/timeline.csv (system, time_s, the five categories in percent, running, waiting) and
+DIR/timeline.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from minipaged.experiments.fragmentation import PAPER_FIG2
+from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
+from minipaged.experiments.serve import (
+    CATEGORIES,
+    PAPER_SIZES,
+    STEP_DURATION,
+    Sizes,
+    add_common_args,
+    make_cache,
+    map_runs,
+    serve,
+    sizes_from_args,
+    write_csv,
+)
+from minipaged.workloads import Request, make_trace
+
+NUM_BINS = 500
+
+
+def one_run(system: str, requests: list[Request], sizes: Sizes, step_duration: float) -> list[dict]:
+    """One system's breakdown over time, averaged in bins of consecutive steps, as CSV rows."""
+    result = serve(make_cache(system, sizes.kv_slots, sizes.max_seq_len), requests, step_duration)
+    columns = np.column_stack([100.0 * result.breakdowns / result.capacity, result.num_running,
+                               result.num_waiting])
+    bin_size = -(-len(columns) // NUM_BINS)
+    rows = []
+    for start in range(0, len(columns), bin_size):
+        mean = columns[start:start + bin_size].mean(axis=0)
+        rows.append({
+            "system": system,
+            "time_s": round(start * step_duration, 3),
+            **{name: round(float(value), 2) for name, value in zip(CATEGORIES, mean[:-2], strict=True)},
+            "running": round(float(mean[-2]), 2),
+            "waiting": round(float(mean[-1]), 2),
+        })
+    return rows
+
+
+def run(workload: str, systems: list[str], rate: float, num_requests: int, sizes: Sizes = PAPER_SIZES,
+        seed: int = 0, step_duration: float = STEP_DURATION, jobs: int = 1) -> list[dict]:
+    """One row per (system, bin of steps); every system serves the same trace."""
+    requests = make_trace(workload, num_requests, rate, seed, sizes.max_seq_len)
+    runs = [(system, requests, sizes, step_duration) for system in systems]
+    return [row for rows in map_runs(one_run, runs, jobs, "timeline") for row in rows]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per system: stacked shares over time, waiting requests on the right axis."""
+    systems = list(dict.fromkeys(row["system"] for row in rows))
+    fig, axes = plt.subplots(len(systems), 1, figsize=(10, 3 * len(systems) + 0.8), sharex=True, squeeze=False)
+    most_waiting = max(row["waiting"] for row in rows)
+    for ax, system in zip(axes[:, 0], systems, strict=True):
+        mine = [row for row in rows if row["system"] == system]
+        times = [row["time_s"] for row in mine]
+        ax.stackplot(times, *([row[name] for row in mine] for name in CATEGORIES),
+                     colors=[COLORS[name] for name in CATEGORIES], labels=[LABELS[name] for name in CATEGORIES])
+        paper = PAPER_FIG2[system]["token_states"]
+        ax.axhline(paper, color="black", linestyle="--", linewidth=1, label="paper Fig. 2: token states")
+        ax.text(times[-1], paper, f" paper {paper}%", va="bottom", ha="right", fontsize=8)
+        queue_ax = ax.twinx()
+        queue_ax.plot(times, [row["waiting"] for row in mine], color="black", linewidth=1, label="waiting requests")
+        queue_ax.set_ylim(0, 1.05 * most_waiting + 1)
+        queue_ax.set_ylabel("waiting requests")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("share of the KV space (%)")
+        ax.set_title(f"{SYSTEM_LABELS[system]} ({system}): KV space over time")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    queue_handles, queue_labels = queue_ax.get_legend_handles_labels()
+    fig.legend(handles + queue_handles, labels + queue_labels, loc="lower center", ncol=4, fontsize=8)
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--dataset", default="sharegpt", help="sharegpt, alpaca, or a .csv/.json file of lengths")
+    parser.add_argument("--reservation", choices=["max", "pow2", "oracle"], default="pow2",
+                        help="reservation policy of the contiguous cache")
+    parser.add_argument("--rate", type=float, default=2.0, help="requests per second")
+    parser.add_argument("--step-duration", type=float, default=STEP_DURATION, help="seconds per model step")
+    args = parser.parse_args(argv)
+    sizes = sizes_from_args(args)
+    num_requests = sizes.num_requests or 400
+    rows = run(args.dataset, [f"contiguous-{args.reservation}", "paged"], args.rate, num_requests, sizes,
+               args.seed, args.step_duration, args.jobs)
+    out = Path(args.out)
+    write_csv(out / "timeline.csv", rows)
+    plot(rows, out / "timeline.png")
+
+
+if __name__ == "__main__":
+    main()
