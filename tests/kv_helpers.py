@@ -9,15 +9,18 @@ def snapshot(cache: KVCache) -> tuple:
     """Everything bookkeeping-related, to check that a failed call changed nothing."""
     common = (dict(cache._num_tokens), dict(cache._final_len), dict(cache._swapped))
     if isinstance(cache, PagedKVCache):
-        a = cache.allocator
-        return common + (
-            {s: list(t) for s, t in cache.block_tables.items()},
-            {s: list(t) for s, t in cache.cpu_pool.tables.items()},
-            list(a.ref_counts), list(a.free_list), list(a.evictable), dict(a.cached),
-            list(cache.cpu_pool.allocator.free_list),
-        )
+        pools = []
+        for pool in (cache.pool, cache.cpu_pool):
+            a = pool.allocator
+            pools.append((
+                {s: list(t) for s, t in pool.tables.items()}, list(a.ref_counts), list(a.free_list),
+                list(a.evictable), dict(a.cached), dict(a.block_hash), a.num_shared,
+            ))
+        hashes = {s: list(h) for s, h in cache._hashes.items()}
+        return common + (*pools, {s: list(t) for s, t in cache._token_ids.items()}, hashes)
     assert isinstance(cache, ContiguousKVCache)
-    return common + (dict(cache.slabs), cache.buddy.free_blocks(), set(cache._swap_space))
+    swapped = {s: size for s, (size, _) in cache._swap_space.items()}
+    return common + (dict(cache.slabs), cache.buddy.free_blocks(), dict(cache.buddy.live), swapped)
 
 
 def token_kv(token_ids: list[int], positions: list[int], num_kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -44,6 +44,17 @@ def test_external_fragmentation_is_real():
     assert buddy.can_allocate(16)
 
 
+def test_double_free_is_a_value_error():
+    buddy = BuddyAllocator(64)
+    offset = buddy.allocate(8)
+    buddy.free(offset, 8)
+    with pytest.raises(ValueError, match="not a live slab"):
+        buddy.free(offset, 8)
+    with pytest.raises(ValueError, match="not a live slab"):
+        buddy.free(32, 4)
+    assert buddy.free_blocks() == [(0, 64)]
+
+
 def test_too_large_for_the_arena_is_a_value_error():
     with pytest.raises(ValueError, match="largest block"):
         BuddyAllocator(100).allocate(65)
@@ -90,6 +101,12 @@ def test_reservation_policies(reservation, expected):
     cache.allocate(0, 12, final_len=21)  # output of 9 tokens: pow2 reserves 16 for it (paper §6.1)
     assert cache.slab(0)[1] == expected
     assert cache.buddy.num_free_slots == 256 - expected
+
+
+def test_pow2_with_no_output_reserves_the_prompt_only():
+    cache = make(reservation="pow2")
+    cache.allocate(0, 5, final_len=5)
+    assert cache.slab(0)[1] == 5
 
 
 def test_pow2_is_capped_at_max_seq_len():
@@ -190,6 +207,11 @@ def test_bad_calls_leave_the_cache_unchanged():
         (lambda: cache.allocate(1, 65, final_len=65), "max_seq_len"),
         (lambda: cache.append_slots(0, 2), "past its final_len"),
         (lambda: cache.swap_in([0]), "not swapped out"),
+        (lambda: cache.swap_out([0, 0]), "distinct"),
+        (lambda: cache.slot_mapping(0, 0, 6), "must lie within"),
+        (lambda: cache.read(0, 1), "layer"),
+        (lambda: cache.allocate(1, 4, final_len=7.5), "final_len"),
+        (lambda: cache.allocate(1, 2, final_len=3, token_ids=[1]), "token_ids"),
     ]
     for call, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -15,10 +15,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from minipaged.kv import ContiguousKVCache, KVCacheFull, PagedKVCache
-from tests.kv_helpers import token_kv
+from tests.kv_helpers import snapshot, token_kv
 
 HEADS, DIM, MAX_LEN = 2, 3, 48
 VOCAB = st.integers(0, 3)  # a tiny vocabulary, so prompts share prefixes
+
+
+def refused(cache, method, *args) -> bool:
+    """Call ``method(*args)``; if the cache refuses (KVCacheFull), check that nothing changed."""
+    before = snapshot(cache)
+    try:
+        method(*args)
+    except KVCacheFull:
+        assert snapshot(cache) == before
+        return True
+    return False
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -60,11 +71,8 @@ class CacheMachine(RuleBasedStateMachine):
                 self.cache.allocate(seq_id, len(prompt), final, prompt)
             return
         if not fits:
-            try:
-                self.cache.allocate(seq_id, len(prompt), final, prompt)
-            except KVCacheFull:
-                return
-            raise AssertionError("allocate succeeded although can_allocate said no")
+            assert refused(self.cache, self.cache.allocate, seq_id, len(prompt), final, prompt)
+            return
         cached = self.cache.allocate(seq_id, len(prompt), final, prompt)
         self.next_id += 1
         self.tokens[seq_id], self.final[seq_id] = list(prompt), final
@@ -82,11 +90,8 @@ class CacheMachine(RuleBasedStateMachine):
             if not tokens:
                 continue
             if not self.cache.can_append(seq_id, len(tokens)):
-                try:
-                    self.cache.append_slots(seq_id, len(tokens), tokens)
-                except KVCacheFull:
-                    continue
-                raise AssertionError("append succeeded although can_append said no")
+                assert refused(self.cache, self.cache.append_slots, seq_id, len(tokens), tokens)
+                continue
             start = len(self.tokens[seq_id])
             self.cache.append_slots(seq_id, len(tokens), tokens)
             self.tokens[seq_id] += tokens
@@ -96,9 +101,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.live()))
-        try:
-            self.cache.fork(parent, self.next_id)
-        except KVCacheFull:  # the contiguous cache needs a new slab
+        if refused(self.cache, self.cache.fork, parent, self.next_id):  # contiguous: no slab free
             return
         self.tokens[self.next_id], self.final[self.next_id] = list(self.tokens[parent]), self.final[parent]
         self.next_id += 1
@@ -115,21 +118,15 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def swap_out(self, data):
         group = data.draw(st.lists(st.sampled_from(self.live()), min_size=1, max_size=3, unique=True))
-        try:
-            self.cache.swap_out(group)
-        except KVCacheFull:
-            return
-        self.swapped.update(group)
+        if not refused(self.cache, self.cache.swap_out, group):
+            self.swapped.update(group)
 
     @precondition(lambda self: self.swapped)
     @rule(data=st.data())
     def swap_in(self, data):
         group = data.draw(st.lists(st.sampled_from(sorted(self.swapped)), min_size=1, max_size=3, unique=True))
-        try:
-            self.cache.swap_in(group)
-        except KVCacheFull:
-            return
-        self.swapped.difference_update(group)
+        if not refused(self.cache, self.cache.swap_in, group):
+            self.swapped.difference_update(group)
 
     # -- invariants --------------------------------------------------------------------------
     @invariant()
@@ -179,8 +176,9 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.cache.cpu_pool.allocator.num_free == self.cache.cpu_pool.allocator.num_blocks
             assert not any(self.cache.allocator.ref_counts)
         else:
-            assert len(self.cache.buddy.free_blocks()) == len(ContiguousKVCache(
-                self.cache.num_slots, max_seq_len=MAX_LEN).buddy.free_blocks())
+            fresh = ContiguousKVCache(self.cache.num_slots, max_seq_len=MAX_LEN)
+            assert self.cache.buddy.free_blocks() == fresh.buddy.free_blocks()
+            assert self.cache.buddy.live == {}
 
 
 CacheMachine.TestCase.settings = settings(

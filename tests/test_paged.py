@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minipaged.kv import KVCacheFull, PagedKVCache
+from minipaged.kv import KVCacheFull, MemoryBreakdown, PagedKVCache
 from tests.kv_helpers import snapshot
 
 
@@ -84,10 +84,11 @@ def test_fork_allocates_nothing_and_shares_blocks():
 
 @pytest.mark.parametrize("writer", ["parent", "child"])
 def test_copy_on_write_of_a_partly_filled_shared_block(writer):
-    cache = make(16, 4)
+    cache = make(16, 4, num_layers=2)
     cache.allocate(0, 6)  # blocks [0, 1], block 1 half full
     k, v = rows(6, 4), rows(6, 5)
     cache.write(0, cache.slot_mapping(0), k, v)
+    cache.write(1, cache.slot_mapping(0), 2 * k, 2 * v)
     cache.fork(0, 1)
     first, other = (0, 1) if writer == "parent" else (1, 0)
     other_table = cache.block_table(other)
@@ -100,6 +101,8 @@ def test_copy_on_write_of_a_partly_filled_shared_block(writer):
     cache.write(0, cache.slot_mapping(first, 6, 7), new_k, new_v)
     assert torch.equal(cache.read(first, 0)[0], torch.cat([k, new_k]))
     assert torch.equal(cache.read(other, 0)[0], k)
+    assert torch.equal(cache.read(first, 1)[1][:6], 2 * v)  # every layer was copied
+    assert torch.equal(cache.read(other, 1)[1], 2 * v)
     # The other side now owns its block alone: appending needs no copy.
     assert cache.append_slots(other) == []
     assert cache.block_table(other) == [0, 1]
@@ -139,8 +142,25 @@ def test_identical_prefixes_share_cached_blocks():
     assert cache.block_table(1)[2] != cache.block_table(0)[2]
     assert cache.num_free_blocks == free - 1
     assert [cache.allocator.ref_counts[b] for b in cache.block_table(0)] == [2, 2, 1]
-    # Same tokens in block 1 but a different block 0: the chain differs, no reuse past block 0.
-    assert cache.allocate(2, 8, token_ids=[0, 1, 2, 3, 99, 5, 6, 7]) == 4
+    # Block 1 identical, block 0 different: block 1's hash chains block 0's, so nothing is reused.
+    assert cache.allocate(2, 9, token_ids=[99, 1, 2, 3, 4, 5, 6, 7, 8]) == 0
+    # Block 0 identical, block 1 different: only block 0 is reused.
+    assert cache.allocate(3, 9, token_ids=[0, 1, 2, 3, 99, 5, 6, 7, 8]) == 4
+
+
+def test_can_allocate_does_not_count_reused_cached_blocks_as_free():
+    cache = make(4, 2, enable_prefix_caching=True)
+    cache.allocate(0, 5, token_ids=[1, 2, 3, 4, 5])
+    cache.free(0)  # blocks 0 and 1 stay cached (evictable), block 2 goes back to the free list
+    cache.allocate(9, 2)  # takes a never-cached block
+    prompt = [1, 2, 3, 4, 6, 7, 8]  # reuses blocks 0 and 1, needs 2 new ones: only 1 is free besides
+    assert cache.num_free_blocks == 3 and not cache.can_allocate(7, token_ids=prompt)
+    before = snapshot(cache)
+    with pytest.raises(KVCacheFull, match="needs 2 new blocks besides the 2 cached ones it reuses; only 1"):
+        cache.allocate(1, 7, token_ids=prompt)
+    assert snapshot(cache) == before
+    cache.free(9)
+    assert cache.allocate(1, 7, token_ids=prompt) == 4
 
 
 def test_fully_cached_prompt_still_computes_its_last_block():
@@ -168,15 +188,17 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
 
 # -- swapping --------------------------------------------------------------------------------
 def test_swap_out_and_in_moves_data_and_keeps_sharing():
-    cache = make(8, 4, num_cpu_blocks=8)
+    cache = make(8, 4, num_cpu_blocks=8, num_layers=2)
     cache.allocate(0, 6)
     k, v = rows(6, 8), rows(6, 9)
     cache.write(0, cache.slot_mapping(0), k, v)
+    cache.write(1, cache.slot_mapping(0), -k, -v)
     cache.fork(0, 1)
     cache.append_slots(1)  # copy-on-write: child now [0, 2]
-    mapping = cache.swap_out([0, 1])
-    assert len(mapping) == 3 and cache.num_free_blocks == 8
-    assert cache.cpu_pool.allocator.num_free == 5
+    cache.swap_out([0, 1])
+    assert cache.num_free_blocks == 8
+    assert cache.cpu_pool.allocator.num_free == 5  # block 0 moved once, still shared on the CPU
+    assert cache.cpu_pool.tables[0][0] == cache.cpu_pool.tables[1][0]
     assert cache.is_swapped(0) and cache.seq_ids == []
     cache.allocate(5, 16)  # someone else uses the blocks meanwhile
     cache.free(5)
@@ -184,10 +206,35 @@ def test_swap_out_and_in_moves_data_and_keeps_sharing():
     assert cache.block_table(0)[0] == cache.block_table(1)[0]  # still shared
     assert cache.allocator.ref_counts[cache.block_table(0)[0]] == 2
     assert torch.equal(cache.read(0, 0)[0], k) and torch.equal(cache.read(1, 0)[0][:6], k)
+    assert torch.equal(cache.read(0, 1)[1], -v) and torch.equal(cache.read(1, 1)[1][:6], -v)
     assert cache.cpu_pool.allocator.num_free == 8
     cache.free(0)
     cache.free(1)
     assert cache.num_free_blocks == 8
+
+
+def test_swap_keeps_prefix_cache_entries_and_lru_order():
+    cache = make(8, 2, num_cpu_blocks=8, enable_prefix_caching=True)
+    cache.allocate(0, 5, token_ids=[1, 2, 3, 4, 5])  # blocks 0, 1 hashed; block 2 partial
+    cache.swap_out([0])
+    assert list(cache.allocator.evictable) == [1, 0]  # released last-first, as by free
+    cache.allocate(1, 6)  # uses the free list first: the cached blocks survive
+    cache.swap_in([0])
+    table = cache.block_table(0)
+    assert all(b not in (0, 1) for b in table)
+    # Blocks 0 and 1 still hold those hashes, so the swapped-in copies are not registered twice...
+    assert sorted(cache.allocator.block_hash) == [0, 1]
+    cache.free(1)
+    cache.free(0)
+    # ...but when the old copies were evicted meanwhile, the swapped-in blocks are registered again.
+    cache.allocate(3, 5, token_ids=[1, 2, 3, 4, 5])
+    cache.swap_out([3])
+    cache.allocate(5, 16)  # needs every block: evicts the cached copies
+    assert cache.allocator.cached == {}
+    cache.free(5)
+    cache.swap_in([3])
+    assert set(cache.allocator.block_hash) == set(cache.block_table(3)[:2])
+    assert cache.allocate(4, 5, token_ids=[1, 2, 3, 4, 9]) == 4
 
 
 def test_swap_in_that_does_not_fit_changes_nothing():
@@ -201,6 +248,20 @@ def test_swap_in_that_does_not_fit_changes_nothing():
     assert snapshot(cache) == before
     cache.free(0)  # a swapped-out sequence can be dropped
     assert cache.cpu_pool.allocator.num_free == 4
+
+
+# -- memory breakdown: exact, with and without sharing -----------------------------------------
+def test_memory_breakdown_is_exact():
+    cache = make(8, 4)  # 32 slots
+    cache.allocate(0, 10, final_len=13)  # 3 blocks: 10 tokens, 2 more will come, 0 never
+    cache.allocate(1, 5, final_len=6)  # 2 blocks: 5 tokens, 1 more will come, 2 never
+    assert cache.memory_breakdown() == MemoryBreakdown(15, 3, 2, 0, 12)
+    # A waiting prompt of 17 tokens needs 5 blocks, 3 are free: all free slots are stranded.
+    assert cache.memory_breakdown(next_request=(17, None)) == MemoryBreakdown(15, 3, 2, 12, 0)
+    cache.fork(0, 2)  # shared blocks are counted once
+    assert cache.memory_breakdown() == MemoryBreakdown(15, 3, 2, 0, 12)
+    cache.append_slots(2)  # copy-on-write: a private copy of block 2 now holds 3 tokens
+    assert cache.memory_breakdown() == MemoryBreakdown(18, 4, 2, 0, 8)
 
 
 # -- bad input and full cache: a clear error, the cache unchanged -----------------------------
@@ -239,6 +300,12 @@ def test_bad_calls_leave_the_cache_unchanged():
         (lambda: cache.swap_out([0]), "no CPU swap space"),
         (lambda: cache.swap_in([0]), "not swapped out"),
         (lambda: cache.write(0, cache.slot_mapping(0), rows(4, 0), rows(4, 0)), "shape"),
+        (lambda: cache.slot_mapping(0, 3, 9), "must lie within"),
+        (lambda: cache.read(0, -1), "layer"),
+        (lambda: cache.allocate(1, 4, final_len=7.5), "final_len"),
+        (lambda: cache.allocate(1, 2, token_ids=[1]), "token_ids"),
+        (lambda: cache.append_slots(0, 1, token_ids=[1.5]), "integers"),
+        (lambda: cache.block_tables_tensor([]), "at least one"),
     ]
     for call, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -11,7 +11,8 @@ reservation
     Allocated slots that hold nothing yet but *will* hold a token before the request ends,
     i.e. slots reserved for tokens the request has yet to produce. Knowing this needs the
     request's true final length (``final_len``), which the experiments know; without it a
-    cache assumes the request fills everything it has allocated.
+    cache assumes the request fills everything it has allocated so far (for the paged cache:
+    its current blocks).
 internal_fragmentation
     Allocated slots that will *never* hold a token: a contiguous slab reserved beyond the
     request's true length (policy ``max`` or ``pow2``), or the tail of a paged sequence's last
@@ -20,10 +21,12 @@ external_fragmentation
     Free slots that cannot serve the next waiting request. For the contiguous cache these are
     the free buddy blocks smaller than the aligned block that request's slab needs; for the
     paged cache, all free blocks when there are fewer than its prompt needs (any free block
-    serves any request, so paging only "fragments" when memory is simply too full). Zero when
-    no request is waiting.
+    serves any request, so paging only "fragments" when memory is simply too full; prefix-cache
+    hits are not taken into account). Zero when no request is waiting.
 free
-    All other free slots.
+    All other free slots. In the paged cache these include cached blocks that no sequence
+    references any more: they still hold K/V for the prefix cache, but any allocation may
+    take them.
 
 Each cache describes its allocated memory as a list of :class:`Extent` (a contiguous slab per
 sequence, or one physical block) and its free memory as two numbers; :func:`breakdown` does the

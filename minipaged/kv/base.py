@@ -64,15 +64,58 @@ class KVCache(ABC):
         self._final_len: dict[int, int | None] = {}  # every known sequence -> true final length
         self._swapped: dict[int, int] = {}  # swapped-out sequences (K/V in CPU memory) -> tokens
 
-    # -- what each design provides ---------------------------------------------------------
+    # -- what each design provides: the one interface of both caches -----------------------
     @property
     @abstractmethod
     def capacity(self) -> int:
         """Total token slots of the KV space (on the cache's device)."""
 
+    @property
     @abstractmethod
-    def slot_mapping(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """int64 slots of positions ``[start, end)`` of a live sequence."""
+    def block_size(self) -> int:
+        """Slots per block (1 for the contiguous cache, whose blocks are single slots)."""
+
+    @abstractmethod
+    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
+        """Would ``allocate`` succeed now? ValueError for a request no state of the cache could hold."""
+
+    @abstractmethod
+    def allocate(
+        self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None
+    ) -> int:
+        """Memory for a new sequence whose prompt has ``num_tokens`` tokens; ``final_len`` is its
+        true final length when known. Returns how many prompt tokens are already cached.
+        KVCacheFull (nothing changed) when it does not fit now."""
+
+    @abstractmethod
+    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+        """Would ``append_slots`` succeed now?"""
+
+    @abstractmethod
+    def append_slots(
+        self, seq_id: int, num_tokens: int = 1, token_ids: list[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """Room for ``num_tokens`` more tokens; returns the copy-on-write ``(src, dst)`` block copies made."""
+
+    @abstractmethod
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """A new sequence ``child_id`` holding the same tokens as ``parent_id``."""
+
+    @abstractmethod
+    def free(self, seq_id: int) -> None:
+        """Forget a sequence (live or swapped out) and give its memory back."""
+
+    @abstractmethod
+    def swap_out(self, seq_ids: list[int]) -> None:
+        """Move sequences' K/V to CPU memory and free their memory on the cache's device."""
+
+    @abstractmethod
+    def swap_in(self, seq_ids: list[int]) -> None:
+        """Bring swapped-out sequences back; KVCacheFull (nothing changed) when they do not fit."""
+
+    @abstractmethod
+    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+        """Slots of the given positions of a live sequence (the one place the two designs differ)."""
 
     @abstractmethod
     def _extents(self) -> list[Extent]:
@@ -95,6 +138,15 @@ class KVCache(ABC):
     def is_swapped(self, seq_id: int) -> bool:
         return seq_id in self._swapped
 
+    def slot_mapping(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """int64 slots of positions ``[start, end)`` (default: all of them) of a live sequence."""
+        self._check_live(seq_id)
+        n = self._num_tokens[seq_id]
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"positions [{start}, {end}) must lie within [0, {n}] for sequence {seq_id}")
+        return self._slots(seq_id, torch.arange(start, end, device=self.device))
+
     def _check_live(self, seq_id: int) -> None:
         if seq_id not in self._num_tokens:
             state = "is swapped out" if seq_id in self._swapped else "is not in the cache"
@@ -104,25 +156,43 @@ class KVCache(ABC):
         if seq_id in self._final_len:
             raise ValueError(f"sequence id {seq_id} is already in use")
 
-    def _check_swapped(self, seq_ids: list[int]) -> None:
+    def _check_group(self, seq_ids: list[int], swapped: bool) -> None:
+        """Distinct sequences, all live (``swapped=False``) or all swapped out."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
         for seq_id in seq_ids:
-            if seq_id not in self._swapped:
+            if not swapped:
+                self._check_live(seq_id)
+            elif seq_id not in self._swapped:
                 raise ValueError(f"sequence {seq_id} is not swapped out; swapped: {sorted(self._swapped)}")
 
-    def _check_lengths(self, num_tokens: int, final_len: int | None) -> None:
+    def _check_request(self, num_tokens: int, final_len: int | None, token_ids: list[int] | None) -> None:
         check_positive("num_tokens", num_tokens)
         if num_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {num_tokens} tokens exceeds max_seq_len={self.max_seq_len}")
-        if final_len is not None and not num_tokens <= final_len <= self.max_seq_len:
-            raise ValueError(
-                f"final_len must be between the prompt length ({num_tokens}) and "
-                f"max_seq_len ({self.max_seq_len}), got {final_len}"
-            )
+        if final_len is not None:
+            check_positive("final_len", final_len)
+            if not num_tokens <= final_len <= self.max_seq_len:
+                raise ValueError(
+                    f"final_len must be between the prompt length ({num_tokens}) and "
+                    f"max_seq_len ({self.max_seq_len}), got {final_len}"
+                )
+        self._check_token_ids(token_ids, num_tokens)
 
-    def _check_growth(self, seq_id: int, num_tokens: int) -> int:
+    @staticmethod
+    def _check_token_ids(token_ids: list[int] | None, num_tokens: int) -> None:
+        if token_ids is None:
+            return
+        if len(token_ids) != num_tokens:
+            raise ValueError(f"token_ids has {len(token_ids)} entries, expected {num_tokens}")
+        if not all(isinstance(t, int) for t in token_ids):
+            raise ValueError("token_ids must be integers")
+
+    def _check_growth(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
         """Validate an append of ``num_tokens``; return the new length."""
         self._check_live(seq_id)
         check_positive("num_tokens", num_tokens)
+        self._check_token_ids(token_ids, num_tokens)
         new_len = self._num_tokens[seq_id] + num_tokens
         limit = self._final_len[seq_id] or self.max_seq_len
         if new_len > limit:
@@ -130,20 +200,18 @@ class KVCache(ABC):
             raise ValueError(f"sequence {seq_id} would grow to {new_len} tokens, past its {what} of {limit}")
         return new_len
 
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+
     # -- K/V data --------------------------------------------------------------------------
     def _blocks(self, cache: torch.Tensor) -> torch.Tensor:
         """A layer's tensor as ``[num_blocks, block_size, H_kv, D]`` (a view), the kernels' layout."""
         return cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
 
-    @property
-    @abstractmethod
-    def block_size(self) -> int:
-        """Slots per block (1 for the contiguous cache, whose blocks are single slots)."""
-
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots."""
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        self._check_layer(layer)
         expected = (slot_mapping.shape[0], self.num_kv_heads, self.head_dim)
         for name, tensor in [("key", key), ("value", value)]:
             if tuple(tensor.shape) != expected:
@@ -156,6 +224,7 @@ class KVCache(ABC):
 
     def read(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's keys and values, ``[num_tokens, H_kv, D]`` each, gathered through its slots."""
+        self._check_layer(layer)
         slots = self.slot_mapping(seq_id)
         rows = (-1, self.num_kv_heads, self.head_dim)
         return self.k_caches[layer].view(rows)[slots], self.v_caches[layer].view(rows)[slots]
@@ -165,7 +234,8 @@ class KVCache(ABC):
         """The Figure 2 categories now (see ``minipaged.kv.accounting`` for the definitions).
 
         ``next_request`` is ``(prompt_len, final_len)`` of the request waiting at the head of the
-        queue, or None when none waits.
+        queue, or None when none waits (a request that can never fit raises ValueError, as
+        ``can_allocate`` does).
         """
         free, servable = self._free_slots(next_request)
         return breakdown(self._extents(), free, servable)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 def next_power_of_two(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
+    if n < 1:
+        raise ValueError(f"next_power_of_two needs n >= 1, got {n}")
     return 1 << (n - 1).bit_length()
 
 
@@ -39,6 +41,7 @@ class BuddyAllocator:
         # free_lists[size] holds the offsets of the free blocks of that size.
         self.free_lists: dict[int, set[int]] = {}
         self.num_free_slots = 0
+        self.live: dict[int, int] = {}  # slabs handed out: offset -> size
         self._release_range(0, num_slots)
 
     # -- queries ---------------------------------------------------------------------------
@@ -80,12 +83,14 @@ class BuddyAllocator:
             self._push(offset + size_found, size_found)
         # Give the unused tail of the block back, as alloc_pages_exact does.
         self._release_range(offset + size, offset + block)
+        self.live[offset] = size
         return offset
 
     def free(self, offset: int, size: int) -> None:
         """Return the slab ``[offset, offset + size)`` that ``allocate`` handed out."""
-        if size < 1 or offset < 0 or offset + size > self.num_slots:
-            raise ValueError(f"slab [{offset}, {offset + size}) is not inside [0, {self.num_slots})")
+        if self.live.get(offset) != size:
+            raise ValueError(f"[{offset}, {offset + size}) is not a live slab (double free, or never allocated)")
+        del self.live[offset]
         self._release_range(offset, offset + size)
 
     # -- internals -------------------------------------------------------------------------

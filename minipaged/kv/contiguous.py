@@ -76,31 +76,31 @@ class ContiguousKVCache(KVCache):
         """int32 start slots for the contiguous attention kernel."""
         return torch.tensor([self.slab(s)[0] for s in seq_ids], dtype=torch.int32, device=self.device)
 
-    def reserved_slots(self, num_tokens: int, final_len: int | None) -> int:
+    def reserved_slots(self, num_tokens: int, final_len: int | None, token_ids: list[int] | None = None) -> int:
         """How many slots the policy reserves for a request (and checks it can ever fit)."""
-        self._check_lengths(num_tokens, final_len)
+        self._check_request(num_tokens, final_len, token_ids)
         if self.reservation == "max":
             size = self.max_seq_len
         elif final_len is None:
             raise ValueError(f"reservation {self.reservation!r} needs the request's final_len")
-        elif self.reservation == "pow2":
+        elif self.reservation == "pow2" and final_len > num_tokens:
             # The prompt is at most max_seq_len, so the cap keeps size >= final_len.
             size = min(num_tokens + next_power_of_two(final_len - num_tokens), self.max_seq_len)
-        else:
+        else:  # oracle, or pow2 with no output to reserve for
             size = final_len
         self.buddy.block_size_for(size)  # ValueError if the arena can never hold it
         return size
 
     # -- allocate / append / free ----------------------------------------------------------
     def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        return self.buddy.can_allocate(self.reserved_slots(num_tokens, final_len))
+        return self.buddy.can_allocate(self.reserved_slots(num_tokens, final_len, token_ids))
 
     def allocate(
         self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None
     ) -> int:
         """Reserve a slab for the whole request; returns 0 (no prefix caching in this design)."""
         self._check_new(seq_id)
-        self._place(seq_id, self.reserved_slots(num_tokens, final_len))
+        self._place(seq_id, self.reserved_slots(num_tokens, final_len, token_ids))
         self._num_tokens[seq_id], self._final_len[seq_id] = num_tokens, final_len
         return 0
 
@@ -121,7 +121,7 @@ class ContiguousKVCache(KVCache):
         self, seq_id: int, num_tokens: int = 1, token_ids: list[int] | None = None
     ) -> list[tuple[int, int]]:
         """Use ``num_tokens`` more slots of the slab; never copies (returns no copy-on-write pairs)."""
-        self._num_tokens[seq_id] = self._check_growth(seq_id, num_tokens)
+        self._num_tokens[seq_id] = self._check_growth(seq_id, num_tokens, token_ids)
         return []
 
     def free(self, seq_id: int) -> None:
@@ -146,9 +146,12 @@ class ContiguousKVCache(KVCache):
 
     # -- swapping --------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> None:
-        """Copy sequences' tokens to CPU memory and give their slabs back to the arena."""
-        for seq_id in seq_ids:
-            self._check_live(seq_id)
+        """Copy sequences' tokens to CPU memory and give their slabs back to the arena.
+
+        Unlike the paged cache's fixed pool of CPU blocks, this swap space has no size limit:
+        each swapped sequence keeps its own CPU tensors.
+        """
+        self._check_group(seq_ids, swapped=False)
         pin = self.device.type == "cuda"
         for seq_id in seq_ids:
             (start, size), n = self.slabs.pop(seq_id), self._num_tokens.pop(seq_id)
@@ -159,9 +162,7 @@ class ContiguousKVCache(KVCache):
 
     def swap_in(self, seq_ids: list[int]) -> None:
         """Reserve new slabs and copy the tokens back; KVCacheFull (nothing changed) if they do not fit."""
-        self._check_swapped(seq_ids)
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
+        self._check_group(seq_ids, swapped=True)
         placed = []
         try:
             for seq_id in seq_ids:
@@ -179,10 +180,8 @@ class ContiguousKVCache(KVCache):
             self._num_tokens[seq_id] = n
 
     # -- addressing and accounting ---------------------------------------------------------
-    def slot_mapping(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-        slab_start, _ = self.slab(seq_id)
-        end = self._num_tokens[seq_id] if end is None else end
-        return torch.arange(slab_start + start, slab_start + end, device=self.device)
+    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+        return self.slabs[seq_id][0] + positions
 
     def _extents(self) -> list[Extent]:
         extents = []

@@ -14,16 +14,21 @@ Blocks carry *reference counts*, which make sharing cheap (§4.4):
   and carried out on every layer's tensors. A full shared block is never copied: appends go
   to a new block.
 
-Two more mechanisms, from §4.5 and vLLM's automatic prefix caching:
+Two more mechanisms:
 
-* *swapping*: when GPU blocks run out, whole sequences can move to a pool of CPU blocks
+* *swapping* (§4.5): when GPU blocks run out, whole sequences can move to a pool of CPU blocks
   (pinned memory when the cache is on CUDA) and come back later, into any free GPU blocks.
-* *prefix caching*: a full block gets a content hash that chains its tokens with its
-  predecessor's hash, so identical prefixes have identical hash chains. A new prompt whose
-  leading blocks hash to cached blocks reuses them (reference count + 1) instead of taking
-  new memory. A cached block whose count drops to zero keeps its content and hash and stays
-  reusable until a new allocation needs its memory; those blocks are evicted
-  least-recently-freed first.
+* *prefix caching* (§4.4's shared prefix, made automatic as in vLLM): a full block gets a
+  content hash that chains its tokens with its predecessor's hash, so identical prefixes have
+  identical hash chains. A new prompt whose leading blocks hash to cached blocks reuses them
+  (reference count + 1) instead of taking new memory. A cached block whose count drops to zero
+  keeps its content and hash and stays reusable until a new allocation needs its memory; those
+  blocks are evicted least-recently-freed first.
+
+  As in vLLM, a full block is entered into the prefix cache when its slots are allocated, on
+  the promise that the same step writes its K/V: a caller must write the tokens it allocated
+  (from the returned number of cached tokens on) before it frees the sequence or allocates
+  another one with the same prefix.
 """
 
 from __future__ import annotations
@@ -169,6 +174,8 @@ class PagedKVCache(KVCache):
 
     def block_tables_tensor(self, seq_ids: list[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids), max_blocks]`` tables for the kernels, padded with block 0."""
+        if not seq_ids:
+            raise ValueError("seq_ids must name at least one sequence")
         tables = [self.block_table(s) for s in seq_ids]
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
@@ -190,10 +197,6 @@ class PagedKVCache(KVCache):
             hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
         return hashes[len(previous):]
 
-    def _check_token_ids(self, token_ids: list[int] | None, num_tokens: int) -> None:
-        if token_ids is not None and len(token_ids) != num_tokens:
-            raise ValueError(f"token_ids has {len(token_ids)} entries, expected {num_tokens}")
-
     def _prefix_hits(self, token_ids: list[int] | None, num_tokens: int) -> tuple[list[bytes], list[int]]:
         """(hash chain of the prompt's full blocks, cached blocks holding its leading ones)."""
         if token_ids is None or not self.allocator.enable_prefix_caching:
@@ -211,9 +214,11 @@ class PagedKVCache(KVCache):
         return hashes, hits
 
     # -- allocate / append / free ----------------------------------------------------------
-    def _plan(self, num_tokens: int, final_len: int | None, token_ids: list[int] | None):
-        self._check_lengths(num_tokens, final_len)
-        self._check_token_ids(token_ids, num_tokens)
+    def _plan(
+        self, num_tokens: int, final_len: int | None, token_ids: list[int] | None
+    ) -> tuple[list[bytes], list[int], int]:
+        """(hash chain, prefix-cache hits, free blocks available besides the hits)."""
+        self._check_request(num_tokens, final_len, token_ids)
         total = blocks_needed(num_tokens, self.block_size)
         if total > self.num_blocks:
             raise ValueError(
@@ -223,10 +228,11 @@ class PagedKVCache(KVCache):
         hashes, hits = self._prefix_hits(token_ids, num_tokens)
         # Cached blocks being reused stop counting as free once they are referenced again.
         available = self.allocator.num_free - sum(self.allocator.ref_counts[b] == 0 for b in hits)
-        return hashes, hits, total - len(hits) <= available
+        return hashes, hits, available
 
     def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        return self._plan(num_tokens, final_len, token_ids)[2]
+        _, hits, available = self._plan(num_tokens, final_len, token_ids)
+        return blocks_needed(num_tokens, self.block_size) - len(hits) <= available
 
     def allocate(
         self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None
@@ -234,15 +240,15 @@ class PagedKVCache(KVCache):
         """Blocks for a prompt of ``num_tokens``; returns how many of its tokens the prefix cache
         already holds (their K/V need not be computed or written again)."""
         self._check_new(seq_id)
-        hashes, hits, fits = self._plan(num_tokens, final_len, token_ids)
-        if not fits:
+        hashes, hits, available = self._plan(num_tokens, final_len, token_ids)
+        new_blocks = blocks_needed(num_tokens, self.block_size) - len(hits)
+        if new_blocks > available:
             raise KVCacheFull(
-                f"a prompt of {num_tokens} tokens needs {blocks_needed(num_tokens, self.block_size) - len(hits)} "
-                f"new blocks, only {self.num_free_blocks} are free"
+                f"a prompt of {num_tokens} tokens needs {new_blocks} new blocks besides the {len(hits)} "
+                f"cached ones it reuses; only {available} are free"
             )
         for block in hits:
             self.allocator.share(block)
-        new_blocks = blocks_needed(num_tokens, self.block_size) - len(hits)
         table = hits + [self.allocator.allocate() for _ in range(new_blocks)]
         for block, content_hash in zip(table, hashes):
             self.allocator.register(block, content_hash)
@@ -257,8 +263,8 @@ class PagedKVCache(KVCache):
         table, n = self.block_tables[seq_id], self._num_tokens[seq_id]
         return n % self.block_size != 0 and self.allocator.ref_counts[table[-1]] > 1
 
-    def _blocks_to_append(self, seq_id: int, num_tokens: int) -> int:
-        new_len = self._check_growth(seq_id, num_tokens)
+    def _blocks_to_append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
+        new_len = self._check_growth(seq_id, num_tokens, token_ids)
         grow = blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
         return grow + self._needs_copy_on_write(seq_id)
 
@@ -273,8 +279,7 @@ class PagedKVCache(KVCache):
         Raises KVCacheFull (nothing changed) when there are not enough free blocks: the
         scheduler then preempts a sequence.
         """
-        needed = self._blocks_to_append(seq_id, num_tokens)
-        self._check_token_ids(token_ids, num_tokens)
+        needed = self._blocks_to_append(seq_id, num_tokens, token_ids)
         if needed > self.num_free_blocks:
             raise KVCacheFull(f"sequence {seq_id} needs {needed} new blocks, only {self.num_free_blocks} are free")
         table = self.block_tables[seq_id]
@@ -338,34 +343,29 @@ class PagedKVCache(KVCache):
             self._hashes[child_id] = list(self._hashes[parent_id])
 
     # -- swapping (§4.5) -------------------------------------------------------------------
-    def swap_out(self, seq_ids: list[int]) -> dict[int, int]:
-        """Move sequences (e.g. a whole sequence group) to CPU blocks; returns the device -> CPU block map.
+    def swap_out(self, seq_ids: list[int]) -> None:
+        """Move sequences (e.g. a whole sequence group) to CPU blocks.
 
         Blocks shared inside the group move once and stay shared on the CPU. Raises
         KVCacheFull (nothing changed) when the CPU pool is too small.
         """
-        for seq_id in seq_ids:
-            self._check_live(seq_id)
+        self._check_group(seq_ids, swapped=False)
         if self.cpu_pool.allocator.num_blocks == 0:
             raise ValueError("this cache has no CPU swap space (num_cpu_blocks=0)")
-        mapping = self._move(seq_ids, self.pool, self.cpu_pool)
+        self._move(seq_ids, self.pool, self.cpu_pool)
         for seq_id in seq_ids:
             self._swapped[seq_id] = self._num_tokens.pop(seq_id)
-        return mapping
 
-    def swap_in(self, seq_ids: list[int]) -> dict[int, int]:
-        """Bring swapped-out sequences back into free device blocks; returns the CPU -> device block map."""
-        self._check_swapped(seq_ids)
-        mapping = self._move(seq_ids, self.cpu_pool, self.pool)
+    def swap_in(self, seq_ids: list[int]) -> None:
+        """Bring swapped-out sequences back into free device blocks (any of them)."""
+        self._check_group(seq_ids, swapped=True)
+        self._move(seq_ids, self.cpu_pool, self.pool)
         for seq_id in seq_ids:
             self._num_tokens[seq_id] = self._swapped.pop(seq_id)
             for block, content_hash in zip(self.block_tables[seq_id], self._hashes.get(seq_id, [])):
                 self.allocator.register(block, content_hash)
-        return mapping
 
-    def _move(self, seq_ids: list[int], src: BlockPool, dst: BlockPool) -> dict[int, int]:
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
+    def _move(self, seq_ids: list[int], src: BlockPool, dst: BlockPool) -> None:
         # Each distinct block moves once and keeps one reference per sequence of the group holding it.
         references = Counter(block for seq_id in seq_ids for block in src.tables[seq_id])
         if len(references) > dst.allocator.num_free:
@@ -384,13 +384,9 @@ class PagedKVCache(KVCache):
             dst.tables[seq_id] = [mapping[block] for block in table]
             for block in reversed(table):
                 src.allocator.release(block)
-        return mapping
 
     # -- addressing and accounting ---------------------------------------------------------
-    def slot_mapping(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-        self._check_live(seq_id)
-        end = self._num_tokens[seq_id] if end is None else end
-        positions = torch.arange(start, end, device=self.device)
+    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(self.block_tables[seq_id], dtype=torch.int64, device=self.device)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
