@@ -1,0 +1,24 @@
+"""Attention and cache kernels of PagedAttention (Kwon et al., SOSP 2023), §4.1 and §5.1.
+
+Each public function checks its arguments, then runs a Triton kernel when the tensors are on
+a GPU (or on a CPU under ``TRITON_INTERPRET=1``) and otherwise the plain-PyTorch reference in
+``minipaged.ops.reference``. Which one ran is logged at debug level on ``minipaged.ops``.
+"""
+
+from minipaged.ops.dispatch import (
+    contiguous_decode_attention,
+    copy_blocks,
+    paged_decode_attention,
+    paged_prefill_attention,
+    swap_blocks,
+    write_to_cache,
+)
+
+__all__ = [
+    "contiguous_decode_attention",
+    "copy_blocks",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "swap_blocks",
+    "write_to_cache",
+]

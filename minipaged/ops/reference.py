@@ -1,0 +1,161 @@
+"""Plain-PyTorch specifications of every kernel in ``minipaged.ops``.
+
+Each function here has the same signature as its Triton twin and is written to be read,
+not to be fast: attention gathers one token at a time through the block table, exactly as
+the paper describes the lookup (§4.1, "PagedAttention"), and computes the softmax in
+float32 (float64 when the inputs are float64). The tests compare the Triton kernels with
+these functions, and the public functions fall back to them on a CPU or for any case the
+kernels do not cover.
+
+Cache layout (DESIGN.md): per layer ``k_cache`` and ``v_cache`` are
+``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is row ``s % block_size`` of
+block ``s // block_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _slots(cache: Tensor) -> Tensor:
+    """View a ``[num_blocks, block_size, H_kv, D]`` cache as ``[num_slots, H_kv, D]``."""
+    return cache.flatten(0, 1)
+
+
+def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatter new tokens' K/V rows into their slots (§5.1, fused reshape-and-write).
+
+    ``key``/``value`` are ``[T, H_kv, D]``; token ``t`` goes to slot ``slot_mapping[t]``;
+    slot ``-1`` means "do not store this token" (padding).
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].to(k_cache.device).long()
+    keep = keep.to(key.device)
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size  # indexing in place: any strides
+    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+
+
+def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: Tensor) -> None:
+    """Copy whole blocks ``src -> dst`` in every layer (§4.4, copy-on-write).
+
+    ``block_mapping`` is int64 ``[n, 2]`` of (src, dst) pairs. No destination may also be a
+    source (copy-on-write never chains copies): the Triton version copies all pairs at once.
+    """
+    for cache in (*k_caches, *v_caches):
+        mapping = block_mapping.to(cache.device)
+        cache[mapping[:, 1]] = cache[mapping[:, 0]]
+
+
+def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
+    """Move blocks between two caches, usually GPU <-> pinned CPU (§4.5, swapping).
+
+    The scattered source blocks are gathered into one contiguous staging buffer on the
+    source device, moved with a single transfer, and scattered into the destination, so a
+    swap of many small blocks costs one copy over the bus instead of one per block.
+    """
+    if block_mapping.numel() == 0:
+        return
+    staging = src[block_mapping[:, 0].to(src.device)]
+    # Asynchronous only towards a GPU, where the scatter below is ordered after the copy on the
+    # stream; a copy to the CPU must finish before the CPU scatter reads it.
+    moved = staging.to(dst.device, non_blocking=dst.device.type == "cuda")
+    dst[block_mapping[:, 1].to(dst.device)] = moved
+
+
+def _softmax_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, scale: float, causal_offset: int | None) -> Tensor:
+    """Attention of ``q [n, H, D]`` over ``keys/values [L, H_kv, D]`` for one sequence.
+
+    With ``causal_offset`` set, query ``j`` sits at position ``causal_offset + j`` and sees
+    keys ``0 .. causal_offset + j``; otherwise every query sees every key.
+    """
+    dtype = _softmax_dtype(q)
+    group = q.shape[1] // keys.shape[1]
+    k = keys.to(dtype).repeat_interleave(group, dim=1)  # [L, H, D]
+    v = values.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.to(dtype), k) * scale
+    if causal_offset is not None:
+        query_pos = causal_offset + torch.arange(q.shape[0], device=q.device)
+        key_pos = torch.arange(keys.shape[0], device=q.device)
+        scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
+
+
+def _gather_sequence(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """The first ``length`` tokens of one sequence, looked up token by token (§4.1)."""
+    block_size = k_cache.shape[1]
+    positions = torch.arange(length, device=k_cache.device)
+    blocks = block_table.to(k_cache.device).long()[positions // block_size]
+    slots = blocks * block_size + positions % block_size
+    return _slots(k_cache)[slots], _slots(v_cache)[slots]
+
+
+def paged_decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """One new query token per sequence attends to its whole context through its block table (§4.1)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for seq, length in enumerate(context_lens.tolist()):
+        keys, values = _gather_sequence(k_cache, v_cache, block_tables[seq], length)
+        out[seq] = _attend(q[seq : seq + 1], keys, values, scale, None)[0]
+    return out
+
+
+def contiguous_decode_attention(
+    q: Tensor,
+    k_arena: Tensor,
+    v_arena: Tensor,
+    starts: Tensor,
+    context_lens: Tensor,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """Decode attention over contiguous slabs: sequence ``i`` owns arena rows ``starts[i]..``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for seq, (start, length) in enumerate(zip(starts.tolist(), context_lens.tolist(), strict=True)):
+        rows = slice(start, start + length)
+        out[seq] = _attend(q[seq : seq + 1], k_arena[rows], v_arena[rows], scale, None)[0]
+    return out
+
+
+def paged_prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    query_start_loc: Tensor,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention of packed new tokens over their sequences' cached context (§4.1, §4.4).
+
+    Sequence ``s`` has queries ``q[query_start_loc[s] : query_start_loc[s + 1]]``; its
+    ``n_new`` new tokens occupy the last positions ``context_lens[s] - n_new ..`` and each
+    sees every earlier position plus itself (prefix caching, chunked prefill, recompute).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    bounds = query_start_loc.tolist()
+    for seq, length in enumerate(context_lens.tolist()):
+        first, last = bounds[seq], bounds[seq + 1]
+        if last == first:
+            continue
+        keys, values = _gather_sequence(k_cache, v_cache, block_tables[seq], length)
+        out[first:last] = _attend(q[first:last], keys, values, scale, length - (last - first))
+    return out

@@ -1,0 +1,391 @@
+"""The PagedAttention kernel (§4.1) in Triton: decode and prefill, paged or contiguous.
+
+The paper's idea: a sequence's keys and values live in fixed-size blocks scattered over a
+pool, and the attention kernel fetches them through the sequence's block table while it
+computes, so the cache never has to be contiguous. This file has ONE attention kernel:
+
+* ``PAGED`` (constexpr) picks how a token's row is found: through the block table
+  (``block_tables[seq, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE``) or, for the
+  contiguous baseline, at ``starts[seq] + pos``. Everything else is shared, so the cost of
+  paging is measured kernel against kernel (the paper's Fig. 18a).
+* ``DECODE`` (constexpr) picks one query token per sequence (decode) or a packed batch of
+  new tokens with a causal mask (prefill, chunked prefill, prefix caching, recompute).
+
+Grouped-query attention: a program owns one KV head and ALL the query heads that share it,
+so each K/V tile is read from memory once and multiplied against the whole group (rows of
+the ``[BLOCK_M, HEAD_DIM]`` query tile are (token, head-in-group) pairs).
+
+Split-K ("FlashDecoding", vLLM's paged attention v2): in decode, a sequence's context is cut
+into partitions processed by separate programs, so one long sequence still fills every
+multiprocessor. Each partition writes its normalised partial output with its running max
+and exp-sum; a second small kernel merges them. With one partition the kernel writes the
+output directly and the merge is skipped.
+
+The softmax is the online (streaming) softmax of FlashAttention, in float32 with ``exp2``.
+All row offsets are computed in int64, so pools larger than 2**31 elements work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _block_numbers(table, tile_start, kv_end, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """Physical block of each token of the tile at ``tile_start`` (int64; 0 past ``kv_end``)."""
+    if BLOCK_SIZE >= TILE:  # the whole tile sits in one block: one table entry
+        block = tl.load(table + tile_start // BLOCK_SIZE, mask=tile_start < kv_end, other=0)
+    else:
+        pos = tile_start + tl.arange(0, TILE)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < kv_end, other=0)
+    return block.to(tl.int64)
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    tables_ptr,
+    starts_ptr,
+    lens_ptr,
+    query_start_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    scale_log2,
+    partition_size,
+    num_partitions,
+    num_heads,
+    stride_q_token,
+    stride_q_head,
+    stride_k_block,
+    stride_k_token,
+    stride_k_head,
+    stride_v_block,
+    stride_v_token,
+    stride_v_head,
+    stride_tables_seq,
+    QUERIES_PER_KV: tl.constexpr,
+    QUERIES_PER_KV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    PAGED: tl.constexpr,
+    DECODE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Axis 2 is the context partition in decode and the block of new tokens in prefill.
+    partition = tl.program_id(2) if DECODE else 0
+    query_block = 0 if DECODE else tl.program_id(2)
+
+    length = tl.load(lens_ptr + seq)
+    if DECODE:
+        first_query, num_new = seq, 1
+    else:
+        first_query = tl.load(query_start_ptr + seq)
+        num_new = tl.load(query_start_ptr + seq + 1) - first_query
+
+    # Rows of the query tile: (token, head within the KV group) pairs.
+    tokens_per_block: tl.constexpr = BLOCK_M // QUERIES_PER_KV_PAD
+    rows = tl.arange(0, BLOCK_M)
+    token = query_block * tokens_per_block + rows // QUERIES_PER_KV_PAD
+    head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV_PAD
+    row_valid = (rows % QUERIES_PER_KV_PAD < QUERIES_PER_KV) & (token < num_new)
+    query_pos = length - num_new + token  # causal limit: a query sees keys at <= its position
+
+    # Keys this program visits: its partition, cut at the last query's position.
+    kv_start = partition * partition_size
+    kv_end = tl.minimum(kv_start + partition_size, length)
+    if not DECODE:
+        kv_end = tl.minimum(kv_end, length - num_new + (query_block + 1) * tokens_per_block)
+    if kv_start >= kv_end or query_block * tokens_per_block >= num_new:
+        return
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    q_rows = (first_query + token).to(tl.int64) * stride_q_token + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    if PAGED:
+        table = tables_ptr + seq.to(tl.int64) * stride_tables_seq
+    else:
+        start = tl.load(starts_ptr + seq).to(tl.int64)
+
+    for tile_start in range(kv_start, kv_end, TILE):
+        pos = tile_start + tl.arange(0, TILE)
+        pos_valid = pos < kv_end
+        # Where each token of the tile lives: the only place paging enters the kernel.
+        if PAGED:
+            block = _block_numbers(table, tile_start, kv_end, BLOCK_SIZE, TILE)
+            k_rows = block * stride_k_block + (pos % BLOCK_SIZE) * stride_k_token
+            v_rows = block * stride_v_block + (pos % BLOCK_SIZE) * stride_v_token
+        else:
+            k_rows = (start + pos) * stride_k_token
+            v_rows = (start + pos) * stride_v_token
+        if HEAD_DIM == HEAD_DIM_PAD:  # no padded dims: a row mask keeps 16-byte vector loads
+            tile_mask = pos_valid[:, None]
+        else:
+            tile_mask = pos_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_k_head + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_v_head + dims[None, :], mask=tile_mask, other=0.0)
+
+        # Scores in log2 units; keys past the context or after the query are -inf.
+        if FP32_DOT:
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * scale_log2
+        visible = pos_valid[None, :] & (pos[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+
+        # Online softmax: rescale what was accumulated so far to the new running max.
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        if FP32_DOT:
+            acc = acc * correction[:, None] + tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
+        running_max = new_max
+
+    out = acc / running_sum[:, None]
+    if SPLIT:
+        # Partial results of (seq, head, partition), merged by _merge_partitions_kernel.
+        slot = (seq * num_heads + head) * num_partitions + partition
+        tl.store(part_max_ptr + slot, running_max, mask=row_valid)
+        tl.store(part_sum_ptr + slot, running_sum, mask=row_valid)
+        tl.store(part_out_ptr + slot[:, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
+    else:
+        tl.store(
+            out_ptr + q_rows[:, None] + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+
+
+@triton.jit
+def _merge_partitions_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    lens_ptr,
+    partition_size,
+    num_partitions,
+    num_heads,
+    stride_out_seq,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PARTITIONS_PAD: tl.constexpr,
+):
+    """Second pass of split-K: weigh each partition by its share of the softmax denominator."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    used = tl.cdiv(tl.load(lens_ptr + seq), partition_size)
+    parts = tl.arange(0, PARTITIONS_PAD)
+    part_valid = parts < used
+    slot = (seq * num_heads + head) * num_partitions + parts
+    maxes = tl.load(part_max_ptr + slot, mask=part_valid, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + slot, mask=part_valid, other=0.0)
+    weights = sums * tl.exp2(maxes - tl.max(maxes, axis=0))  # unused partitions weigh 0
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    partial = tl.load(
+        part_out_ptr + slot[:, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, :], mask=part_valid[:, None], other=0.0
+    )
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_out_seq + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+@functools.cache
+def _num_multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: enough to exercise split-K on small shapes
+
+
+def choose_partition_size(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    device: torch.device,
+    tile: int,
+    programs_per_sm: int = 2,
+    max_partitions: int = 128,
+) -> int:
+    """Smallest power-of-two partition (>= tile) that still gives ~programs_per_sm programs per SM.
+
+    Returns ``max_context_len`` rounded up to the tile (one partition, no merge) when the batch
+    alone fills the GPU.
+    """
+    whole = triton.cdiv(max_context_len, tile) * tile
+    wanted = programs_per_sm * _num_multiprocessors(device)
+    per_seq = triton.cdiv(wanted, num_seqs * num_kv_heads)
+    if per_seq <= 1:
+        return whole
+    size = max(tile, triton.next_power_of_2(triton.cdiv(max_context_len, per_seq)))
+    size = max(size, triton.next_power_of_2(triton.cdiv(max_context_len, max_partitions)))
+    return min(size, whole)
+
+
+def _fp32_dot(q: Tensor) -> bool:
+    """Multiply in exact float32: for float32 inputs (no tf32 rounding), and for bfloat16 under
+    the CPU interpreter, whose bfloat16 ``tl.dot`` returns garbage (Triton 3.9)."""
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+
+
+def _launch_config(num_seqs: int, num_kv_heads: int, row_bytes: int, device: torch.device) -> dict[str, int]:
+    """Context tile and launch shape, tuned on an H200 (notes/kernels.md).
+
+    When the batch alone gives fewer (sequence, KV head) programs than the GPU has
+    multiprocessors, split-K makes long partitions: big tiles (32 KB of K per step) stream
+    them best, and ~8 programs per multiprocessor keep sequences of unequal length balanced.
+    Otherwise many short programs run at once: 16 KB tiles. 4 warps and 2 stages either way.
+    ``row_bytes`` is one token's K row as the kernel multiplies it (padded head dim).
+    """
+    if num_seqs * num_kv_heads < _num_multiprocessors(device):
+        return {"TILE": max(16, 32768 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 8}
+    return {"TILE": max(16, 16384 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
+
+
+def attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    *,
+    block_tables: Tensor | None,
+    starts: Tensor | None,
+    context_lens: Tensor,
+    query_start_loc: Tensor | None,
+    max_context_len: int,
+    max_query_len: int = 1,
+    scale: float,
+    partition_size: int | None = None,
+    config: dict[str, int] | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Launch the kernel. Paged when ``block_tables`` is given (``k_cache [blocks, block_size,
+    H_kv, D]``), contiguous otherwise (``k_cache [slots, H_kv, D]`` and ``starts``); decode when
+    ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.dispatch``).
+    The head dimension of the caches must be contiguous and the batch non-empty.
+    ``partition_size`` and ``config`` override the heuristics; ``out`` (contiguous, like ``q``)
+    receives the result.
+    """
+    paged, decode = block_tables is not None, query_start_loc is None
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[-2]
+    num_seqs = context_lens.shape[0]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    row_bytes = head_dim_pad * (4 if _fp32_dot(q) else q.element_size())
+    config = dict(config or _launch_config(num_seqs, num_kv_heads, row_bytes, q.device))
+    tile = config.pop("TILE")
+    programs_per_sm = config.pop("programs_per_sm", 2)
+    if decode:
+        block_m = max(16, group_pad)
+        if partition_size is None:
+            partition_size = choose_partition_size(
+                num_seqs, num_kv_heads, max_context_len, q.device, tile, programs_per_sm
+            )
+        num_partitions = triton.cdiv(max_context_len, partition_size)
+        axis2 = num_partitions
+    else:
+        block_m = max(16, group_pad, 64 if head_dim <= 128 else 32)
+        partition_size, num_partitions = triton.cdiv(max_context_len, tile) * tile, 1
+        axis2 = triton.cdiv(max_query_len, block_m // group_pad)
+    split = num_partitions > 1
+
+    q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    if split:
+        part_max = torch.empty(num_seqs, num_heads, num_partitions, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        part_out = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad, device=q.device, dtype=torch.float32)
+    else:
+        part_max = part_sum = part_out = out  # unused
+    if paged:
+        block_size = k_cache.shape[1]
+        k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+        v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+        tables, table_stride = block_tables, block_tables.stride(0)
+    else:
+        block_size = 1
+        k_strides = (0, k_cache.stride(0), k_cache.stride(1))
+        v_strides = (0, v_cache.stride(0), v_cache.stride(1))
+        tables, table_stride = context_lens, 0  # unused
+    grid = (num_seqs, num_kv_heads, axis2)
+    _attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        tables,
+        starts if starts is not None else context_lens,
+        context_lens,
+        query_start_loc if query_start_loc is not None else context_lens,
+        part_out,
+        part_max,
+        part_sum,
+        scale * LOG2_E,
+        partition_size,
+        num_partitions,
+        num_heads,
+        q.stride(0),
+        q.stride(1),
+        *k_strides,
+        *v_strides,
+        table_stride,
+        QUERIES_PER_KV=group,
+        QUERIES_PER_KV_PAD=group_pad,
+        BLOCK_M=block_m,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
+        PAGED=paged,
+        DECODE=decode,
+        SPLIT=split,
+        FP32_DOT=_fp32_dot(q),
+        **config,
+    )
+    if split:
+        _merge_partitions_kernel[(num_seqs, num_heads)](
+            out,
+            part_out,
+            part_max,
+            part_sum,
+            context_lens,
+            partition_size,
+            num_partitions,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            PARTITIONS_PAD=max(2, triton.next_power_of_2(num_partitions)),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,432 @@
+"""Triton kernels of ``minipaged.ops`` against their PyTorch references.
+
+On a CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` must be set before
+Triton is first imported, so this module sets it at the top when no GPU is present (or run
+``TRITON_INTERPRET=1 pytest tests/test_ops.py``). If another module imported Triton first
+without it, the interpreter tests skip with a message. On a GPU the same tests run compiled
+kernels, and the ``gpu`` tests run too.
+
+Tolerances (relative L2 error against a float64 reference on the same inputs): float32 1e-5,
+float16 3e-3 and bfloat16 1.5e-2; they cover the output's final rounding (2**-11, 2**-8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import minipaged.ops as ops  # noqa: E402
+from minipaged.ops import reference, triton_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_RUNS = HAS_CUDA or (INTERPRETING and type(triton_attention._attention_kernel).__name__ == "InterpretedFunction")
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS, reason="Triton needs a GPU or TRITON_INTERPRET=1 set before Triton is first imported"
+)
+
+
+def gpu(test):
+    """The project's ``gpu`` marker, skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "output has NaN: some element was not written"
+    out, ref = out.cpu().double(), ref.cpu().double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def random_paged(
+    num_seqs: int,
+    max_len: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    num_blocks: int | None = None,
+):
+    """Caches, block tables whose entries repeat across sequences, lengths with one at max."""
+    width = -(-max_len // block_size)
+    num_blocks = num_blocks or max(2, width * num_seqs // 2)  # fewer blocks than entries: repeats
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=generator).to(dtype)
+    v_cache = torch.randn(shape, generator=generator).to(dtype)
+    tables = torch.randint(0, num_blocks, (num_seqs, width), generator=generator, dtype=torch.int32)
+    lens = torch.randint(1, max_len + 1, (num_seqs,), generator=generator, dtype=torch.int32)
+    lens[0] = max_len
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), lens.to(DEVICE)
+
+
+def decode_reference(q, k_cache, v_cache, tables, lens):
+    return reference.paged_decode_attention(
+        q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double(), tables.cpu(), lens.cpu()
+    )
+
+
+# (query heads, kv heads, head_dim, block_size, dtype): every value of each axis appears;
+# 9 over 3 is SmolLM2-135M, 8 over 2 a Llama-style GQA, 4 over 1 MQA, 4 over 4 MHA.
+DECODE_CASES = [
+    (4, 4, 64, 16, torch.float32),
+    (9, 3, 64, 8, torch.float16),
+    (8, 2, 128, 32, torch.bfloat16),
+    (4, 1, 80, 1, torch.float16),
+    (8, 2, 256, 16, torch.float32),
+    (6, 2, 96, 256, torch.bfloat16),
+    (9, 3, 128, 1, torch.float32),
+    (4, 1, 64, 256, torch.float16),
+    (8, 8, 80, 32, torch.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "dtype"), DECODE_CASES)
+@pytest.mark.parametrize("partition_size", [None, 4])  # 4: 18 partitions, merged in chunks
+def test_paged_decode_matches_reference(heads, kv_heads, head_dim, block_size, dtype, partition_size):
+    gen = torch.Generator().manual_seed(heads * 1000 + head_dim + block_size)
+    k_cache, v_cache, tables, lens = random_paged(3, 70, kv_heads, head_dim, block_size, dtype, gen)
+    q = torch.randn(3, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables=tables,
+        starts=None,
+        context_lens=lens,
+        query_start_loc=None,
+        max_context_len=70,
+        scale=head_dim**-0.5,
+        partition_size=partition_size,
+        out=out,
+    )
+    assert rel_error(out, decode_reference(q, k_cache, v_cache, tables, lens)) < TOLERANCE[dtype]
+
+
+@needs_triton
+def test_public_decode_splits_a_long_sequence(caplog):
+    """Batch 1: the heuristic cuts the context into partitions, merged by the second kernel."""
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache, tables, lens = random_paged(1, 200, 1, 64, 16, torch.float32, gen)
+    q = torch.randn(1, 4, 64, generator=gen).to(DEVICE)
+    assert triton_attention.choose_partition_size(1, 1, 200, DEVICE, 64) < 200 or HAS_CUDA
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert "paged_decode_attention: triton" in caplog.text
+    assert rel_error(out, decode_reference(q, k_cache, v_cache, tables, lens)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "dtype"), [(4, 2, 64, torch.float32), (9, 3, 80, torch.bfloat16)]
+)
+def test_contiguous_decode_matches_reference(heads, kv_heads, head_dim, dtype):
+    gen = torch.Generator().manual_seed(2)
+    lens = torch.tensor([50, 3, 77], dtype=torch.int32)
+    starts = torch.tensor([100, 0, 10], dtype=torch.int32)  # slabs anywhere, with gaps
+    k_arena = torch.randn(200, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v_arena = torch.randn(200, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    q = torch.randn(3, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = ops.contiguous_decode_attention(q, k_arena, v_arena, starts.to(DEVICE), lens.to(DEVICE))
+    ref = reference.contiguous_decode_attention(
+        q.cpu().double(), k_arena.cpu().double(), v_arena.cpu().double(), starts, lens
+    )
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size", "dtype"),
+    [
+        (4, 2, 64, 16, torch.float32),
+        (9, 3, 64, 8, torch.float16),
+        (8, 2, 128, 1, torch.bfloat16),
+        (4, 1, 80, 32, torch.float32),
+    ],
+)
+def test_paged_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
+    """Full prompts, prompts after a cached prefix, a chunk, a single token and an idle sequence."""
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, tables, _ = random_paged(5, 60, kv_heads, head_dim, block_size, dtype, gen)
+    lens = torch.tensor([60, 37, 25, 9, 14], dtype=torch.int32)
+    num_new = torch.tensor([60, 20, 7, 1, 0])
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), num_new.cumsum(0)]).to(torch.int32)
+    q = torch.randn(int(num_new.sum()), heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens.to(DEVICE), query_start_loc.to(DEVICE))
+    ref = reference.paged_prefill_attention(
+        q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double(), tables.cpu(), lens, query_start_loc
+    )
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+    poisoned = torch.full_like(q, float("nan"))  # the kernel itself must write every row
+    triton_attention.attention(
+        q, k_cache, v_cache, block_tables=tables, starts=None, context_lens=lens.to(DEVICE),
+        query_start_loc=query_start_loc.to(DEVICE), max_context_len=60, max_query_len=60,
+        scale=head_dim**-0.5, out=poisoned,
+    )  # fmt: skip
+    assert rel_error(poisoned, ref) < TOLERANCE[dtype]
+
+
+@needs_triton
+def test_prefill_of_one_token_equals_decode():
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)
+    query_start_loc = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    prefill = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens, query_start_loc)
+    decode = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert rel_error(prefill, decode.double()) < 1e-6
+
+
+@needs_triton
+def test_offsets_beyond_int32():
+    """A pool whose element offsets pass 2**31; only the blocks in use are ever touched."""
+    block_size, head_dim = 16, 64
+    num_blocks = 2**31 // (block_size * head_dim) + 64  # 4.3 GB of float16, not resident until written
+    pool = torch.empty(num_blocks, block_size, 1, head_dim, dtype=torch.float16, device=DEVICE)
+    # Sequence 1 shares its first block with sequence 0's last (as after a fork or a prefix hit).
+    tables = torch.tensor(
+        [[num_blocks - 1, 7, num_blocks - 40], [num_blocks - 40, num_blocks - 2, 0]], dtype=torch.int32, device=DEVICE
+    )
+    lens = torch.tensor([48, 32], dtype=torch.int32, device=DEVICE)
+    written = torch.cat([tables[0], tables[1, 1:2]]).long()
+    slots = (written[:, None] * block_size + torch.arange(block_size, device=DEVICE)).flatten()
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(len(slots), 1, head_dim, generator=gen).to(torch.float16).to(DEVICE)
+    ops.write_to_cache(rows, rows, pool, pool, slots)  # K and V share the pool: half the address space
+    assert torch.equal(pool.view(-1, 1, head_dim)[slots], rows)
+    q = torch.randn(2, 4, head_dim, generator=gen).to(torch.float16).to(DEVICE)
+    out = ops.paged_decode_attention(q, pool, pool, tables, lens)
+    ref = reference.paged_decode_attention(q.double(), pool, pool, tables, lens)  # gathers, then upcasts
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)
+@given(
+    group=st.sampled_from([1, 2, 3, 4]),
+    kv_heads=st.integers(1, 2),
+    head_dim=st.sampled_from([64, 80]),
+    block_size=st.sampled_from([1, 2, 4, 16, 64]),
+    lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_decode_property(group, kv_heads, head_dim, block_size, lens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, _ = random_paged(len(lens), max(lens), kv_heads, head_dim, block_size, torch.float32, gen)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), group * kv_heads, head_dim, generator=gen).to(DEVICE)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens_t)
+    assert rel_error(out, decode_reference(q, k_cache, v_cache, tables, lens_t)) < 1e-5
+
+
+# --- cache kernels -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_to_cache_matches_reference(block_size, dtype):
+    gen = torch.Generator().manual_seed(6)
+    shape = (8, block_size, 3, 80)
+    k_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    key = torch.randn(5, 3, 80, generator=gen).to(dtype).to(DEVICE)
+    value = torch.randn(5, 3, 80, generator=gen).to(dtype).to(DEVICE)
+    slots = torch.randperm(8 * block_size, generator=gen)[:5]
+    slots[2] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.write_to_cache(key, value, expected_k, expected_v, slots.to(DEVICE))
+    ops.write_to_cache(key, value, k_cache, v_cache, slots.to(DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_write_to_cache_into_contiguous_arena():
+    """The contiguous cache passes its arena viewed as ``[num_slots, 1, H_kv, D]``."""
+    arena_k = torch.zeros(20, 2, 64, device=DEVICE)
+    arena_v = torch.zeros(20, 2, 64, device=DEVICE)
+    key, value = torch.randn(3, 2, 64, device=DEVICE), torch.randn(3, 2, 64, device=DEVICE)
+    ops.write_to_cache(key, value, arena_k.unsqueeze(1), arena_v.unsqueeze(1), torch.tensor([19, 4, -1], device=DEVICE))
+    assert torch.equal(arena_k[19], key[0]) and torch.equal(arena_v[4], value[1])
+    assert arena_k.count_nonzero() == 2 * 2 * 64
+
+
+def test_copy_blocks_every_layer():
+    gen = torch.Generator().manual_seed(7)
+    layers = [torch.randn(6, 4, 2, 64, generator=gen).to(DEVICE) for _ in range(4)]
+    k_caches, v_caches = layers[:2], layers[2:]
+    expected = [cache.clone() for cache in layers]
+    mapping = torch.tensor([[0, 3], [2, 5], [0, 4]], dtype=torch.int64)
+    reference.copy_blocks(expected[:2], expected[2:], mapping)
+    ops.copy_blocks(k_caches, v_caches, mapping.to(DEVICE))
+    for got, want in zip(layers, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_swap_blocks_round_trip():
+    gen = torch.Generator().manual_seed(8)
+    gpu_side = torch.randn(6, 4, 2, 64, generator=gen).to(DEVICE)
+    cpu_side = torch.zeros(5, 4, 2, 64, pin_memory=HAS_CUDA)
+    ops.swap_blocks(gpu_side, cpu_side, torch.tensor([[4, 0], [1, 3]]))
+    assert torch.equal(cpu_side[0], gpu_side[4].cpu()) and torch.equal(cpu_side[3], gpu_side[1].cpu())
+    back = torch.zeros_like(gpu_side)
+    ops.swap_blocks(cpu_side, back, torch.tensor([[0, 2], [3, 5]]))
+    torch.cuda.synchronize() if HAS_CUDA else None
+    assert torch.equal(back[2], gpu_side[4]) and torch.equal(back[5], gpu_side[1])
+    ops.swap_blocks(cpu_side, back, torch.zeros(0, 2, dtype=torch.int64))  # nothing to move
+
+
+# --- argument checks and fallback ------------------------------------------------------------
+
+
+def _decode_args():
+    k_cache = torch.randn(4, 16, 2, 64)
+    return dict(
+        q=torch.randn(2, 4, 64),
+        k_cache=k_cache,
+        v_cache=k_cache.clone(),
+        block_tables=torch.zeros(2, 2, dtype=torch.int32),
+        context_lens=torch.tensor([5, 7], dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("q", torch.randn(2, 4)),
+        ("q", torch.randn(2, 3, 64)),  # 3 query heads over 2 KV heads
+        ("q", torch.randn(2, 4, 64, dtype=torch.float16)),  # dtype differs from the cache: named on k_cache
+        ("k_cache", torch.randn(4, 16, 2, 32)),
+        ("k_cache", torch.randn(4, 12, 2, 64)),  # block size not a power of two
+        ("v_cache", torch.randn(4, 16, 2, 64, dtype=torch.float16)),
+        ("v_cache", torch.randn(4, 16, 2, 64, device="meta")),
+        ("block_tables", torch.zeros(2, 2)),
+        ("block_tables", torch.zeros(3, 2, dtype=torch.int32)),
+        ("context_lens", torch.tensor([5], dtype=torch.int32)),
+        ("context_lens", torch.tensor([5, 0], dtype=torch.int32)),
+        ("context_lens", torch.tensor([5, 33], dtype=torch.int32)),
+    ],
+)
+def test_bad_decode_arguments_name_the_argument(name, bad):
+    args = _decode_args()
+    args[name] = bad
+    if name == "k_cache":  # a bad pair, so that the mismatch is not blamed on v_cache
+        args["v_cache"] = bad.clone()
+    with pytest.raises(ValueError, match=r"^(q|k_cache|v_cache|block_tables|context_lens)") as error:
+        ops.paged_decode_attention(**args)
+    expected = "k_cache" if name == "q" and bad.dtype == torch.float16 else name
+    assert str(error.value).startswith(expected)
+
+
+def test_bad_cache_op_arguments_name_the_argument():
+    cache = torch.zeros(4, 16, 2, 64)
+    with pytest.raises(ValueError, match="^slot_mapping"):
+        ops.write_to_cache(
+            torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), cache, cache, torch.zeros(2, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match="^key"):
+        ops.write_to_cache(
+            torch.zeros(3, 4, 64), torch.zeros(3, 4, 64), cache, cache, torch.zeros(3, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match="^block_mapping"):
+        ops.copy_blocks([cache], [cache], torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^dst"):
+        ops.swap_blocks(cache, torch.zeros(4, 8, 2, 64), torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^query_start_loc"):
+        ops.paged_prefill_attention(
+            torch.zeros(3, 4, 64),
+            cache,
+            cache,
+            torch.zeros(2, 2, dtype=torch.int32),
+            torch.tensor([5, 7], dtype=torch.int32),
+            torch.tensor([0, 1, 2], dtype=torch.int32),
+        )
+    with pytest.raises(ValueError, match="^max_context_len"):
+        ops.paged_decode_attention(torch.zeros(1, 4, 64), cache, cache, torch.zeros(1, 2, dtype=torch.int32),
+                                   torch.tensor([20], dtype=torch.int32), max_context_len=16)  # fmt: skip
+    with pytest.raises(ValueError, match="^starts"):
+        ops.contiguous_decode_attention(
+            torch.zeros(1, 4, 64), cache[0], cache[0], torch.tensor([10]), torch.tensor([7])
+        )
+
+
+def test_fallback_to_reference_is_logged(monkeypatch, caplog):
+    """On a CPU without the interpreter, and for float64 anywhere, the reference runs."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = _decode_args()
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        out = ops.paged_decode_attention(**args)
+        expected = reference.paged_decode_attention(**args)
+        ops.write_to_cache(
+            torch.randn(1, 2, 64), torch.randn(1, 2, 64), args["k_cache"], args["v_cache"], torch.tensor([3])
+        )
+    assert "paged_decode_attention: reference (cpu tensors without TRITON_INTERPRET=1)" in caplog.text
+    assert "write_to_cache: reference" in caplog.text
+    assert torch.equal(out, expected)
+    caplog.clear()
+    monkeypatch.undo()
+    double = {k: (v.double() if v.is_floating_point() else v) for k, v in _decode_args().items()}
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        ops.paged_decode_attention(**double)
+    assert "reference (float64" in caplog.text
+
+
+# --- GPU only ----------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_gpu_llama_shapes_long_context(dtype, block_size):
+    """Llama-3-8B heads, thousands of blocks in the pool, lengths up to 5000."""
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache, tables, lens = random_paged(6, 5000, 8, 128, block_size, dtype, gen, num_blocks=4096)
+    q = torch.randn(6, 32, 128, generator=gen).to(dtype).to(DEVICE)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert rel_error(out, decode_reference(q, k_cache, v_cache, tables, lens)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", ["head_dim_8", "strided_cache", "empty_batch"])
+def test_unsupported_cases_run_the_reference(case, caplog):
+    gen = torch.Generator().manual_seed(10)
+    head_dim = 8 if case == "head_dim_8" else 64
+    k_cache, v_cache, tables, lens = random_paged(2, 20, 2, head_dim, 8, torch.float32, gen)
+    if case == "strided_cache":  # every other element of a twice-as-wide cache
+        k_cache = torch.stack([k_cache, k_cache], dim=-1).flatten(-2)[..., ::2]
+    q = torch.randn(2, 4, head_dim, generator=gen).to(DEVICE)
+    if case == "empty_batch":
+        q, tables, lens = q[:0], tables[:0], lens[:0]
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert "paged_decode_attention: reference (" in caplog.text
+    assert out.shape == q.shape
+    if q.shape[0]:
+        assert rel_error(out, decode_reference(q, k_cache, v_cache, tables, lens)) < 1e-6
+
+
+@gpu
+def test_gpu_split_k_is_deterministic():
+    """Many partitions per sequence, merged by the second kernel: repeated launches are bit-identical."""
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, tables, lens = random_paged(4, 6000, 8, 128, 16, torch.bfloat16, gen, num_blocks=2048)
+    q = torch.randn(4, 32, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    outs = [
+        triton_attention.attention(q, k_cache, v_cache, block_tables=tables, starts=None, context_lens=lens,
+                                   query_start_loc=None, max_context_len=6000, scale=128**-0.5, partition_size=64)
+        for _ in range(50)
+    ]  # fmt: skip
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert rel_error(outs[0], decode_reference(q, k_cache, v_cache, tables, lens)) < TOLERANCE[torch.bfloat16]
