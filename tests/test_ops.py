@@ -96,7 +96,7 @@ DECODE_CASES = [
 
 @needs_triton
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "dtype"), DECODE_CASES)
-@pytest.mark.parametrize("partition_size", [None, 4])  # 4: 18 partitions, merged in chunks
+@pytest.mark.parametrize("partition_size", [None, 4])  # 4: many partitions for the merge pass
 def test_paged_decode_matches_reference(heads, kv_heads, head_dim, block_size, dtype, partition_size):
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim + block_size)
     k_cache, v_cache, tables, lens = random_paged(3, 70, kv_heads, head_dim, block_size, dtype, gen)
@@ -430,3 +430,112 @@ def test_gpu_split_k_is_deterministic():
     ]  # fmt: skip
     assert all(torch.equal(out, outs[0]) for out in outs)
     assert rel_error(outs[0], decode_reference(q, k_cache, v_cache, tables, lens)) < TOLERANCE[torch.bfloat16]
+
+
+# -- arguments the kernels must honour: scale, views, guard rows -------------------------------
+@needs_triton
+def test_scale_is_honoured_by_every_attention_op():
+    gen = torch.Generator().manual_seed(11)
+    k, v, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen, num_blocks=24)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)
+    out = ops.paged_decode_attention(q, k, v, tables, lens, scale=0.3)
+    ref = reference.paged_decode_attention(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), scale=0.3)
+    assert rel_error(out, ref) < 1e-5
+    arena_k, arena_v = k.flatten(0, 1), v.flatten(0, 1)
+    starts = torch.tensor([0, 60, 120], dtype=torch.int32, device=DEVICE)
+    out = ops.contiguous_decode_attention(q, arena_k, arena_v, starts, lens, scale=0.3)
+    ref = reference.contiguous_decode_attention(
+        q.cpu(), arena_k.cpu(), arena_v.cpu(), starts.cpu(), lens.cpu(), scale=0.3
+    )
+    assert rel_error(out, ref) < 1e-5
+    new = torch.tensor([3, 1, 5], dtype=torch.int32)
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int32), new.cumsum(0).int()]).to(DEVICE)
+    q_new = torch.randn(int(new.sum()), 4, 64, generator=gen).to(DEVICE)
+    out = ops.paged_prefill_attention(q_new, k, v, tables, lens, query_start_loc, scale=0.3)
+    ref = reference.paged_prefill_attention(
+        q_new.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), query_start_loc.cpu(), scale=0.3
+    )
+    assert rel_error(out, ref) < 1e-5
+
+
+@needs_triton
+def test_index_tensors_and_q_may_be_views():
+    """Column views, strided tables and a q sliced out of a fused QKV projection."""
+    gen = torch.Generator().manual_seed(12)
+    k, v, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen, num_blocks=24)
+    wide = torch.zeros(3, 2 * tables.shape[1], dtype=torch.int32, device=DEVICE)
+    wide[:, ::2] = tables
+    lens_view = torch.stack([lens, lens + 7], dim=1)[:, 0]
+    qkv = torch.randn(3, 3 * 4 * 64, generator=gen).to(DEVICE)
+    q = qkv[:, : 4 * 64].view(3, 4, 64)
+    assert not q.is_contiguous() and not lens_view.is_contiguous() and not wide[:, ::2].is_contiguous()
+    want = reference.paged_decode_attention(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu())
+    assert rel_error(ops.paged_decode_attention(q, k, v, wide[:, ::2], lens_view), want) < 1e-5
+    assert rel_error(ops.paged_decode_attention(q, k, v, tables.t().contiguous().t(), lens), want) < 1e-5
+    arena_k, arena_v = k.flatten(0, 1), v.flatten(0, 1)
+    starts = torch.tensor([[0, 9], [60, 9], [120, 9]], dtype=torch.int32, device=DEVICE)[:, 0]
+    out = ops.contiguous_decode_attention(q, arena_k, arena_v, starts, lens_view)
+    ref = reference.contiguous_decode_attention(q.cpu(), arena_k.cpu(), arena_v.cpu(), starts.cpu(), lens.cpu())
+    assert rel_error(out, ref) < 1e-5
+    new = torch.tensor([3, 1, 5], dtype=torch.int32)
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int32), new.cumsum(0).int()]).to(DEVICE)
+    q_new = torch.randn(9, 4, 64, generator=gen).to(DEVICE)
+    starts_view = torch.stack([query_start_loc] * 2, 1)[:, 0]
+    out = ops.paged_prefill_attention(q_new, k, v, wide[:, ::2], lens_view, starts_view)
+    ref = reference.paged_prefill_attention(
+        q_new.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), query_start_loc.cpu()
+    )
+    assert rel_error(out, ref) < 1e-5
+    key = torch.randn(4, 2, 64, generator=gen).to(DEVICE)
+    slots = torch.tensor([[3, 0], [77, 0], [-1, 0], [12, 0]], device=DEVICE)[:, 0]
+    got_k, got_v = k.clone(), v.clone()
+    ops.write_to_cache(key, -key, got_k, got_v, slots)
+    want_k, want_v = k.cpu().clone(), v.cpu().clone()
+    reference.write_to_cache(key.cpu(), -key.cpu(), want_k, want_v, slots.cpu().contiguous())
+    assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+
+
+@needs_triton
+@pytest.mark.parametrize("decode", [True, False])
+def test_no_store_outside_the_output_rows(decode):
+    """Rows of the query tile that are padding (group of 3 padded to 4, tokens past a sequence's
+    new ones) must never be stored: guard rows around the output stay NaN."""
+    gen = torch.Generator().manual_seed(13)
+    k, v, tables, lens = random_paged(2, 48, 3, 64, 16, torch.float32, gen)
+    num_q = 2 if decode else 7
+    buffer = torch.full((num_q + 2, 9, 64), float("nan"), device=DEVICE)
+    q = torch.randn(num_q, 9, 64, generator=gen).to(DEVICE)
+    query_start_loc = None if decode else torch.tensor([0, 5, 7], dtype=torch.int32, device=DEVICE)
+    lens = torch.maximum(lens, torch.tensor(5, dtype=lens.dtype, device=DEVICE))
+    triton_attention.attention(
+        q, k, v, block_tables=tables, starts=None, context_lens=lens, query_start_loc=query_start_loc,
+        max_context_len=48, max_query_len=5, scale=0.125, out=buffer[1:-1], partition_size=16 if decode else None,
+    )
+    assert buffer[0].isnan().all() and buffer[-1].isnan().all()
+    assert not buffer[1:-1].isnan().any()
+
+
+def test_out_of_range_indices_are_rejected():
+    k = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(2, 4, 64)
+    lens = torch.tensor([5, 20], dtype=torch.int32)
+    good = torch.tensor([[0, 9], [1, 2]], dtype=torch.int32)  # 9 is past sequence 0's length: ignored
+    ops.paged_decode_attention(q, k, k.clone(), good, lens)
+    with pytest.raises(ValueError, match="^block_tables: entries must be block numbers in"):
+        ops.paged_decode_attention(q, k, k.clone(), torch.tensor([[0, 0], [1, 4]], dtype=torch.int32), lens)
+    with pytest.raises(ValueError, match="^block_tables: entries must be block numbers in"):
+        ops.paged_decode_attention(q, k, k.clone(), torch.tensor([[-1, 0], [1, 2]], dtype=torch.int32), lens)
+    with pytest.raises(ValueError, match="^slot_mapping"):
+        ops.write_to_cache(torch.zeros(2, 2, 64), torch.zeros(2, 2, 64), k, k.clone(), torch.tensor([3, 64]))
+    with pytest.raises(ValueError, match="^block_mapping"):
+        ops.copy_blocks([k], [k.clone()], torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match="^block_mapping"):
+        ops.swap_blocks(k, torch.zeros(2, 16, 2, 64), torch.tensor([[3, 2]]))
+    with pytest.raises(ValueError, match="^query_start_loc: must be non-decreasing"):
+        ops.paged_prefill_attention(
+            torch.zeros(3, 4, 64), k, k.clone(), good, lens, torch.tensor([0, 4, 3], dtype=torch.int32)
+        )
+    with pytest.raises(ValueError, match="^q: needs at least one head"):
+        ops.paged_decode_attention(torch.zeros(2, 4, 0), torch.zeros(4, 16, 2, 0), torch.zeros(4, 16, 2, 0), good, lens)
+    with pytest.raises(ValueError, match="^max_context_len"):
+        ops.paged_decode_attention(q, k, k.clone(), good, lens, max_context_len=0)

@@ -1,7 +1,13 @@
 """Argument checks shared by the public ops: every error is a ``ValueError`` naming the argument.
 
 Index tensors (slot mappings, block tables, lengths) may live on the CPU while the data is on
-a GPU; the checks move them to the data's device. Data tensors must share one device.
+a GPU; the checks move them to the data's device and make them contiguous (the kernels index
+them densely). Data tensors must share one device.
+
+Shapes, dtypes and devices are always checked. *Values* (lengths >= 1, block numbers and slots
+inside the pool) are checked only when the caller passes the index tensor on the CPU: reading a
+GPU tensor would make the host wait for the GPU in the hot path. An engine that keeps its index
+tensors on the GPU must keep them valid itself.
 """
 
 from __future__ import annotations
@@ -39,7 +45,21 @@ def check_index(tensor: object, name: str, shape: tuple[int, ...], device: torch
     ok = all(want in (-1, got) for want, got in zip(shape, index.shape, strict=True))
     require(ok, name, "expected shape {}, got {}", shape, tuple(index.shape))
     require(index.device.type == "cpu" or index.device == device, name, "on {}, data is on {}", index.device, device)
-    return index.to(device)
+    return index.to(device).contiguous()
+
+
+def on_host(*tensors: Tensor) -> bool:
+    """Whether the caller's tensors are all on the CPU, so reading their values costs no GPU sync."""
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def check_range(values: Tensor, name: str, limit: int, what: str, allow_minus_one: bool = False) -> None:
+    """Every entry in ``[0, limit)`` (or -1 when allowed): out-of-range indices would read or
+    write outside the pool."""
+    ok = (values >= 0) & (values < limit)
+    if allow_minus_one:
+        ok |= values == -1
+    require(bool(ok.all()), name, "entries must be {} in [0, {}){}", what, limit, " or -1" if allow_minus_one else "")
 
 
 def check_cache_pair(k_cache: object, v_cache: object, ndim: int, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
@@ -60,6 +80,8 @@ def check_attention(
     check_same(k, names[0], q_, "q")
     heads, head_dim = q_.shape[-2:]
     kv_heads = k.shape[-2]
+    require(head_dim > 0 and heads > 0, "q", "needs at least one head of dimension >= 1, got shape {}", tuple(q_.shape))
+    require(kv_heads > 0, names[0], "needs at least one KV head, got shape {}", tuple(k.shape))
     require(k.shape[-1] == head_dim, names[0], "head_dim {} differs from q's {}", k.shape[-1], head_dim)
     require(heads % kv_heads == 0, "q", "{} query heads is not a multiple of {} KV heads", heads, kv_heads)
     if cache_ndim == 4:

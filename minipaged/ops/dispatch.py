@@ -14,7 +14,16 @@ import torch
 from torch import Tensor
 
 from minipaged.ops import reference, triton_attention, triton_cache
-from minipaged.ops.checks import FLOAT_DTYPES, check_attention, check_cache_pair, check_index, check_tensor, require
+from minipaged.ops.checks import (
+    FLOAT_DTYPES,
+    check_attention,
+    check_cache_pair,
+    check_index,
+    check_range,
+    check_tensor,
+    on_host,
+    require,
+)
 
 logger = logging.getLogger("minipaged.ops")
 
@@ -44,6 +53,8 @@ def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
         tuple(k.shape[2:]),
     )
     slots = check_index(slot_mapping, "slot_mapping", (key_.shape[0],), k.device)
+    if on_host(slot_mapping):
+        check_range(slot_mapping, "slot_mapping", k.shape[0] * k.shape[1], "slots", allow_minus_one=True)
     if not triton_available(k):
         _log("write_to_cache", "reference", f"{k.device.type} tensors without TRITON_INTERPRET=1")
         reference.write_to_cache(key_, value_, k, v, slots)
@@ -63,6 +74,8 @@ def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: T
     if not k_caches:
         return
     mapping = check_index(block_mapping, "block_mapping", (-1, 2), k_caches[0].device)
+    if on_host(block_mapping):
+        check_range(block_mapping, "block_mapping", k_caches[0].shape[0], "blocks")
     if not triton_available(k_caches[0]):
         _log("copy_blocks", "reference", f"{k_caches[0].device.type} tensors without TRITON_INTERPRET=1")
         reference.copy_blocks(k_caches, v_caches, mapping)
@@ -88,6 +101,8 @@ def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
     require(dst_.dtype == src_.dtype, "dst", "dtype {} differs from src's {}", dst_.dtype, src_.dtype)
     device = block_mapping.device if isinstance(block_mapping, Tensor) else torch.device("cpu")
     mapping = check_index(block_mapping, "block_mapping", (-1, 2), device).cpu()
+    check_range(mapping[:, 0], "block_mapping", src_.shape[0], "source blocks of src")
+    check_range(mapping[:, 1], "block_mapping", dst_.shape[0], "destination blocks of dst")
     _log("swap_blocks", "torch", "gather, one transfer, scatter")
     reference.swap_blocks(src_, dst_, mapping)
 
@@ -112,18 +127,22 @@ def _attention_backend(op: str, q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _check_lengths(context_lens: Tensor, num_seqs: int, device: torch.device) -> Tensor:
-    """Value checks read the tensor, so they run only on the CPU (no GPU sync in the hot path)."""
+    """Shape always; values when the caller's tensor is on the CPU (see ``checks``)."""
     lens = check_index(context_lens, "context_lens", (num_seqs,), device)
-    if lens.device.type == "cpu":
-        require(bool((lens >= 1).all()), "context_lens", "every sequence needs at least one token")
+    if on_host(context_lens):
+        require(bool((context_lens >= 1).all()), "context_lens", "every sequence needs at least one token")
     return lens
 
 
-def _check_bound(lens: Tensor, max_context_len: int) -> None:
-    """``max_context_len`` sizes the split-K grid: it must bound every length (checked on CPU)."""
-    if lens.device.type == "cpu":
+def _check_bound(context_lens: Tensor, max_context_len: int) -> None:
+    """``max_context_len`` sizes the split-K grid: it must bound every length."""
+    require(max_context_len >= 1, "max_context_len", "must be >= 1, got {}", max_context_len)
+    if on_host(context_lens):
         require(
-            bool((lens <= max_context_len).all()), "max_context_len", "{} is below a context length", max_context_len
+            bool((context_lens <= max_context_len).all()),
+            "max_context_len",
+            "{} is below a context length",
+            max_context_len,
         )
 
 
@@ -134,11 +153,18 @@ def _check_paged(
     num_seqs = q_.shape[0] if decode else -1
     tables = check_index(block_tables, "block_tables", (num_seqs, -1), q_.device)
     lens = _check_lengths(context_lens, tables.shape[0], q_.device)
-    if lens.device.type == "cpu":
+    require(tables.shape[1] > 0, "block_tables", "needs at least one column, got shape {}", tuple(tables.shape))
+    if on_host(context_lens):
         capacity = tables.shape[1] * k.shape[1]
         require(
-            bool((lens <= capacity).all()), "context_lens", "longer than block_tables can hold ({} tokens)", capacity
+            bool((context_lens <= capacity).all()),
+            "context_lens",
+            "longer than block_tables can hold ({} tokens)",
+            capacity,
         )
+        if on_host(block_tables):  # only the entries a sequence uses must name real blocks
+            used = torch.arange(tables.shape[1]) < (context_lens[:, None] + k.shape[1] - 1) // k.shape[1]
+            check_range(block_tables[used], "block_tables", k.shape[0], "block numbers")
     return q_, k, v, tables, lens
 
 
@@ -160,7 +186,7 @@ def paged_decode_attention(
     q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, block_tables, context_lens, decode=True)
     scale = q_.shape[-1] ** -0.5 if scale is None else scale
     if max_context_len is not None:
-        _check_bound(lens, max_context_len)
+        _check_bound(context_lens, max_context_len)
     if not _attention_backend("paged_decode_attention", q_, k, v):
         return reference.paged_decode_attention(q_, k, v, tables, lens, scale=scale)
     bound = tables.shape[1] * k.shape[1] if max_context_len is None else max_context_len
@@ -195,12 +221,12 @@ def contiguous_decode_attention(
     q_, k, v = check_attention(q, k_arena, v_arena, cache_ndim=3)
     starts_ = check_index(starts, "starts", (q_.shape[0],), q_.device)
     lens = _check_lengths(context_lens, q_.shape[0], q_.device)
-    if lens.device.type == "cpu":
-        inside = bool((starts_ >= 0).all() and (starts_ + lens <= k.shape[0]).all())
+    if on_host(starts, context_lens):
+        inside = bool((starts >= 0).all() and (starts + context_lens <= k.shape[0]).all())
         require(inside, "starts", "a slab reaches outside the arena")
     scale = q_.shape[-1] ** -0.5 if scale is None else scale
     if max_context_len is not None:
-        _check_bound(lens, max_context_len)
+        _check_bound(context_lens, max_context_len)
     if not _attention_backend("contiguous_decode_attention", q_, k, v):
         return reference.contiguous_decode_attention(q_, k, v, starts_, lens, scale=scale)
     bound = int(lens.max()) if max_context_len is None else max_context_len
@@ -232,19 +258,20 @@ def paged_prefill_attention(
     Query ``j`` of sequence ``s`` sits at position ``context_lens[s] - n_new + j`` and sees
     every position up to its own; its K/V must already be in the cache.
     """
-    q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, block_tables, context_lens, decode=False)
+    # Prefill is not a hot loop: it reads the lengths back, so every value check runs.
+    host_tables, host_lens = (x.cpu() if isinstance(x, Tensor) else x for x in (block_tables, context_lens))
+    q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, host_tables, host_lens, decode=False)
     query_starts = check_index(query_start_loc, "query_start_loc", (tables.shape[0] + 1,), q_.device)
-    num_new = query_starts.diff().cpu()  # prefill is not a hot loop: reading lengths is fine
+    num_new = query_starts.diff().cpu()
     require(
         int(query_starts[0]) == 0 and int(query_starts[-1]) == q_.shape[0],
         "query_start_loc",
         "must run from 0 to q.shape[0] = {}",
         q_.shape[0],
     )
+    require(bool((num_new >= 0).all()), "query_start_loc", "must be non-decreasing")
     require(
-        bool((num_new >= 0).all() and (num_new <= lens.cpu()).all()),
-        "query_start_loc",
-        "a sequence has more new tokens than context_lens",
+        bool((num_new <= lens.cpu()).all()), "query_start_loc", "a sequence has more new tokens than context_lens"
     )
     scale = q_.shape[-1] ** -0.5 if scale is None else scale
     if not _attention_backend("paged_prefill_attention", q_, k, v):

@@ -41,7 +41,7 @@ def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
 def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: Tensor) -> None:
     """Copy whole blocks ``src -> dst`` in every layer (§4.4, copy-on-write).
 
-    ``block_mapping`` is int64 ``[n, 2]`` of (src, dst) pairs. No destination may also be a
+    ``block_mapping`` is an integer ``[n, 2]`` tensor of (src, dst) pairs. No destination may also be a
     source (copy-on-write never chains copies): the Triton version copies all pairs at once.
     """
     for cache in (*k_caches, *v_caches):

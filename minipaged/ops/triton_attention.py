@@ -306,6 +306,10 @@ def attention(
     programs_per_sm = config.pop("programs_per_sm", 2)
     if decode:
         block_m = max(16, group_pad)
+        if partition_size is not None and partition_size % tile and tile % partition_size:
+            # _block_numbers reads one table entry per tile when blocks are at least a tile long,
+            # which needs every tile to start at a multiple of the tile (or fit in a partition).
+            raise ValueError(f"partition_size {partition_size} must divide or be a multiple of the tile {tile}")
         if partition_size is None:
             partition_size = choose_partition_size(
                 num_seqs, num_kv_heads, max_context_len, q.device, tile, programs_per_sm
