@@ -251,35 +251,20 @@ def bench_shape(
     expected = fns["sdpa"]().squeeze(2).float()
     rows = []
     for method in METHODS:
-        if method not in fns:
-            if method in notes:
-                rows.append(
-                    Row(
-                        method,
-                        batch,
-                        shape.context,
-                        shape.lengths,
-                        bs,
-                        total / batch,
-                        kv_bytes,
-                        float("nan"),
-                        float("nan"),
-                        copy_tbps,
-                        float("nan"),
-                        float("nan"),
-                        notes[method],
-                    )
-                )
+        if method not in fns and method not in notes:
             continue
-        try:
-            out = fns[method]().reshape(batch, NUM_HEADS, HEAD_DIM).float()
-            rel_err = ((out - expected).norm() / expected.norm()).item()
-            seconds = timer(fns[method])
-            host_us = host_overhead(fns[method]) * 1e6 if device.type == "cuda" else float("nan")
-            note = ""
-        except Exception as error:  # noqa: BLE001
-            seconds, rel_err, host_us = float("nan"), float("nan"), float("nan")
-            note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        if method not in fns:  # could not run here: a row that says why
+            seconds, rel_err, host_us, note = float("nan"), float("nan"), float("nan"), notes[method]
+        else:
+            try:
+                out = fns[method]().reshape(batch, NUM_HEADS, HEAD_DIM).float()
+                rel_err = ((out - expected).norm() / expected.norm()).item()
+                seconds = timer(fns[method])
+                host_us = host_overhead(fns[method]) * 1e6 if device.type == "cuda" else float("nan")
+                note = ""
+            except Exception as error:  # noqa: BLE001
+                seconds, rel_err, host_us = float("nan"), float("nan"), float("nan")
+                note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append(
             Row(
                 method,
