@@ -4,7 +4,9 @@ The paper evaluates on two traces (Kwon et al., SOSP 2023, §6.1 and Figure 11):
 (real ChatGPT conversations: mean prompt 161.31 tokens, mean output 337.99) and Alpaca
 (GPT-3.5-written instructions: 19.31 and 58.45). The datasets cannot be downloaded here, so we
 draw synthetic lengths with the same means, and requests arrive as a Poisson process, as in the
-paper. A user can also bring their own (prompt, output) lengths from a CSV or JSON file.
+paper. A user can also bring their own (prompt, output) lengths from a CSV or JSON file: without
+a number of requests the file is replayed in order, one request per line or entry; with one,
+that many pairs are drawn from the file uniformly with replacement (seeded).
 
 The length distribution is log-normal, drawn independently for the prompt and the output.
 Text lengths are positive and right-skewed (many short requests, a long tail of long ones,
@@ -16,7 +18,8 @@ output cut so that prompt + output <= `max_seq_len` (2048, OPT's maximum). The n
 is calibrated numerically so that the mean AFTER this post-processing is the target. Achieved
 on one million requests (seed 0): ShareGPT prompt 161.5 / output 338.0 tokens (medians 114 /
 243; 0.8% of requests hit the 2048 cap), Alpaca 19.3 / 58.5 (medians 14 / 41), all within 0.2%
-of the paper's means.
+of the paper's means. A small `max_seq_len` caps the lengths so much that no mu reaches the target
+means; then a warning says by how much they miss.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import csv
 import functools
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +98,9 @@ def _solve_mu(target: float, mean_of: Callable[[float], float]) -> float:
 
 
 @functools.cache
-def _calibrated_mus(dataset: Dataset, max_seq_len: int) -> tuple[float, float]:
-    """mu of the prompt and output log-normals such that the post-processed means hit the targets.
+def _calibrated_mus(dataset: Dataset, max_seq_len: int) -> tuple[float, float, float, float]:
+    """mu of the prompt and output log-normals such that the post-processed means hit the targets,
+    and the means they achieve (which miss the targets when max_seq_len is small).
 
     The means are evaluated on a grid of 2^16 normal quantiles (a deterministic quadrature, so the
     calibration does not depend on any generator); the output grid is a fixed shuffle of the
@@ -113,7 +118,11 @@ def _calibrated_mus(dataset: Dataset, max_seq_len: int) -> tuple[float, float]:
         dataset.mean_output_len,
         lambda mu: _round_output(np.exp(mu + s * z_output), prompt_lens, max_seq_len).mean(),
     )
-    return mu_prompt, mu_output
+    achieved = (
+        float(prompt_lens.mean()),
+        float(_round_output(np.exp(mu_output + s * z_output), prompt_lens, max_seq_len).mean()),
+    )
+    return mu_prompt, mu_output, *achieved
 
 
 def sample_lengths(
@@ -122,11 +131,18 @@ def sample_lengths(
     """Draw `num_requests` (prompt_len, output_len) pairs of a dataset ("sharegpt" or "alpaca").
     Returns two int64 arrays; every length is >= 1 and prompt + output <= max_seq_len."""
     spec = get_dataset(dataset)
-    if num_requests < 0:
-        raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+    _check_num_requests(num_requests)
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2 (one prompt and one output token), got {max_seq_len}")
-    mu_prompt, mu_output = _calibrated_mus(spec, max_seq_len)
+    mu_prompt, mu_output, *achieved = _calibrated_mus(spec, max_seq_len)
+    targets = (spec.mean_prompt_len, spec.mean_output_len)
+    if any(abs(a / t - 1) > 0.01 for a, t in zip(achieved, targets, strict=True)):
+        warnings.warn(
+            f"{spec.name} with max_seq_len={max_seq_len}: the lengths' means are {achieved[0]:.1f} (prompt) "
+            f"and {achieved[1]:.1f} (output), not the paper's {targets[0]} and {targets[1]}: "
+            "the cap on prompt + output cuts the long requests",
+            stacklevel=2,
+        )
     prompt_lens = _round_prompt(rng.lognormal(mu_prompt, spec.sigma, num_requests), max_seq_len)
     output_lens = _round_output(rng.lognormal(mu_output, spec.sigma, num_requests), prompt_lens, max_seq_len)
     return prompt_lens, output_lens
@@ -143,39 +159,63 @@ def poisson_arrivals(num_requests: int, rate: float, rng: np.random.Generator) -
     return np.cumsum(rng.exponential(1.0 / rate, num_requests))
 
 
+def _check_num_requests(num_requests: object) -> None:
+    if isinstance(num_requests, bool) or not isinstance(num_requests, int | np.integer) or num_requests < 0:
+        raise ValueError(f"num_requests must be an integer >= 0, got {num_requests!r}")
+
+
+def is_lengths_file(workload: str) -> bool:
+    """Whether a workload names a .csv/.json file of lengths (rather than a dataset)."""
+    return Path(workload).suffix.lower() in (".csv", ".json")
+
+
 def workload_lengths(
-    workload: str, num_requests: int, rng: np.random.Generator, max_seq_len: int = MAX_SEQ_LEN
+    workload: str, num_requests: int | None, rng: np.random.Generator, max_seq_len: int = MAX_SEQ_LEN
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt_len, output_len) arrays of `num_requests` requests of a workload: a synthetic
-    dataset's name ("sharegpt", "alpaca") or the path of a .csv/.json file of lengths (see
-    `load_lengths`), whose pairs are then drawn uniformly with replacement."""
-    if Path(workload).suffix.lower() in (".csv", ".json"):
+    """(prompt_len, output_len) arrays of the requests of a workload: `num_requests` draws of a
+    synthetic dataset ("sharegpt", "alpaca"), or the pairs of a .csv/.json file of lengths (see
+    `load_lengths`): with num_requests=None the whole file in its order (a replay), otherwise
+    `num_requests` pairs drawn from it uniformly with replacement."""
+    if is_lengths_file(workload):
         prompt_lens, output_lens = load_lengths(workload, max_seq_len)
+        if num_requests is None:
+            return prompt_lens, output_lens
+        _check_num_requests(num_requests)
         picks = rng.integers(len(prompt_lens), size=num_requests)
         return prompt_lens[picks], output_lens[picks]
+    if num_requests is None:
+        raise ValueError(f"num_requests is needed for the synthetic dataset {workload!r}")
     return sample_lengths(workload, num_requests, rng, max_seq_len)
 
 
 def make_trace(
-    workload: str, num_requests: int, rate: float, seed: int = 0, max_seq_len: int = MAX_SEQ_LEN
+    workload: str, num_requests: int | None, rate: float, seed: int = 0, max_seq_len: int = MAX_SEQ_LEN
 ) -> list[Request]:
-    """A seeded trace: lengths of a workload (see `workload_lengths`), Poisson arrivals at `rate`.
+    """A seeded trace: lengths of a workload (see `workload_lengths`; num_requests=None replays a
+    lengths file in order), Poisson arrivals at `rate`.
     The lengths are drawn before the arrival gaps from one generator, so traces with the same
     seed and different rates hold the same requests, only spaced differently in time."""
     rng = np.random.default_rng(seed)
     prompt_lens, output_lens = workload_lengths(workload, num_requests, rng, max_seq_len)
-    arrival_times = poisson_arrivals(num_requests, rate, rng)
+    arrival_times = poisson_arrivals(len(prompt_lens), rate, rng)
     return [
         Request(i, float(t), int(p), int(o))
         for i, (t, p, o) in enumerate(zip(arrival_times, prompt_lens, output_lens, strict=True))
     ]
 
 
-def _to_length(x: object) -> int:
-    """An integer length from a CSV string or a JSON number; 3.5 or "abc" raise ValueError."""
-    if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+def _csv_length(x: str) -> int:
+    """An integer length from a CSV field: "12" is 12; "3.0", "3.5" and "abc" raise ValueError."""
+    if not isinstance(x, str) or not x.strip().isdigit():
         raise ValueError(f"{x!r} is not an integer")
     return int(x)
+
+
+def _json_length(x: object) -> int:
+    """An integer length from a JSON value: 12 is 12; 3.0, 3.5, "12" and true raise ValueError."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{x!r} is not an integer")
+    return x
 
 
 def load_lengths(path: str | Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
@@ -184,19 +224,21 @@ def load_lengths(path: str | Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[np.n
     - a CSV file with a header row naming the columns `prompt_len` and `output_len`, or
     - a JSON file holding a list of [prompt_len, output_len] pairs or of objects with those keys.
 
-    Every length must be an integer >= 1 and prompt_len + output_len <= max_seq_len."""
+    Every length must be an integer (written without a decimal point; a JSON string such as "12"
+    is not a number) >= 1, and prompt_len + output_len <= max_seq_len."""
     path = Path(path)
     allowed = "a .csv with columns prompt_len,output_len or a .json list of [prompt_len, output_len] pairs"
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as f:
-                rows = [(row["prompt_len"], row["output_len"]) for row in csv.DictReader(f)]
+                pairs = [(_csv_length(row["prompt_len"]), _csv_length(row["output_len"]))
+                         for row in csv.DictReader(f)]
         elif path.suffix.lower() == ".json":
             items = json.loads(path.read_text())
             rows = [(x["prompt_len"], x["output_len"]) if isinstance(x, dict) else tuple(x) for x in items]
+            pairs = [(_json_length(p), _json_length(o)) for p, o in rows]
         else:
             raise ValueError(f"unsupported file type {path.suffix!r}")
-        pairs = [(_to_length(p), _to_length(o)) for p, o in rows]
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read lengths from {path}: {e!r}; expected {allowed}") from e
     if not pairs:

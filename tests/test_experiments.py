@@ -7,14 +7,15 @@ growth, frees and admissions).
 """
 
 import csv
+import math
 
 import pytest
 
 from minipaged.experiments import __main__ as run_all
-from minipaged.experiments import fragmentation
-from minipaged.experiments.serve import make_cache, serve
+from minipaged.experiments import batching, block_size, fragmentation, timeline
+from minipaged.experiments.serve import QUICK, Sizes, make_cache, serve
 from minipaged.kv import ContiguousKVCache, PagedKVCache
-from minipaged.workloads import Request
+from minipaged.workloads import Request, make_trace
 
 
 def trace(*lengths: tuple[int, int], arrivals: tuple[float, ...] | None = None) -> list[Request]:
@@ -103,6 +104,85 @@ def test_paged_preemption_by_recomputation():
     assert result.num_preemptions == 2
 
 
+def test_paged_preempts_the_last_admitted_and_requeues_it_at_the_front():
+    # 4 blocks of 2 slots, all at t = 0: A = (2, 4, final 6), B = (1, 3, final 4), C = (1, 1, final 2),
+    # D = (2, 2, final 4). Every P + O - 1 is odd, so no request's last token would need a block.
+    # A request holding final - 1 tokens leaves at its next step without growing.
+    cache = PagedKVCache(4, 2, max_seq_len=8)
+    result = serve(cache, trace((2, 4), (1, 3), (1, 1), (2, 2)), step_duration=1.0)
+    assert result.breakdowns.tolist() == [
+        # step 0: all four admitted, one block each (A 2, B 1, C 1, D 2 tokens); B and C will
+        #         each fill the second slot of their block (reservation 2).
+        [6, 2, 0, 0, 0],
+        # step 1: A (2 tokens) needs a block, none is free: D, admitted last, is preempted (1)
+        #         -- not B, the oldest other request -- and waits at the front. A takes D's block
+        #         (3 tokens), B grows to 2, C holds 1 = final - 1 and leaves; D is readmitted in
+        #         C's block. Tokens 3 + 2 + 2, reservation 1 (A's second block).
+        [7, 1, 0, 0, 0],
+        # step 2: A grows to 4 in its second block. B (2 tokens) needs a block: D is preempted (2)
+        #         and waits; B takes its block (3 tokens). Tokens 4 + 3, reservation 1 (B).
+        [7, 1, 0, 0, 0],
+        # step 3: A (4 tokens) needs a block: B, the last running after it, is preempted (3) and
+        #         goes to the FRONT, before D: waiting = [B (3 tokens), D (2 tokens)]. A takes a
+        #         block (5 tokens, reservation 1). The free block (2 slots) cannot hold B's
+        #         2 blocks: external 2; D, which would fit, does not overtake B.
+        [5, 1, 0, 2, 0],
+        # step 4: A holds 5 = final - 1 and leaves. B (2 blocks, reservation 1) and D (1 block)
+        #         are admitted: tokens 3 + 2, one block free.
+        [5, 1, 0, 0, 2],
+        # step 5: B leaves (3 = final - 1); D takes a block, 3 tokens (reservation 1).
+        [3, 1, 0, 0, 4],
+        # step 6: D leaves.
+        [0, 0, 0, 0, 8],
+    ]
+    assert result.num_running.tolist() == [4, 3, 2, 1, 2, 1, 0]
+    assert result.num_waiting.tolist() == [0, 0, 1, 2, 0, 0, 0]
+    assert result.num_preemptions == 3
+
+
+def test_a_request_that_preempts_itself_goes_back_to_the_front():
+    # 3 blocks of 2 slots, all at t = 0: A = (2, 2, final 4), B = (2, 2, final 4), C = (1, 1, final 2).
+    cache = PagedKVCache(3, 2, max_seq_len=8)
+    result = serve(cache, trace((2, 2), (2, 2), (1, 1)), step_duration=1.0)
+    assert result.breakdowns.tolist() == [
+        # step 0: one block each; C will fill the second slot of its block (reservation 1).
+        [5, 1, 0, 0, 0],
+        # step 1: A (2 tokens) needs a block: C, admitted last, is preempted (1); A takes its block
+        #         (3 tokens). B (2 tokens) needs a block, none is free and no one runs after it:
+        #         B preempts itself (2) and goes to the FRONT: waiting = [B, C]. B is readmitted in
+        #         its freed block (2 tokens); C still waits. Tokens 3 + 2, reservation 1 (A).
+        [5, 1, 0, 0, 0],
+        # step 2: A leaves (3 = final - 1); B takes a block (3 tokens), C is admitted (1 token).
+        [4, 2, 0, 0, 0],
+        # step 3: B and C leave.
+        [0, 0, 0, 0, 6],
+    ]
+    assert result.num_running.tolist() == [3, 2, 2, 0]
+    assert result.num_waiting.tolist() == [0, 1, 0, 0]
+    assert result.num_preemptions == 2
+
+
+def test_last_token_needs_no_slot():
+    # 2 blocks of 2: A = (2, 1) and B = (2, 1), both at t = 0, fill both blocks. Each has one
+    # token to generate; that token is sampled and never stored, so it needs no third block and
+    # nobody is preempted: both leave at step 1.
+    result = serve(PagedKVCache(2, 2, max_seq_len=4), trace((2, 1), (2, 1)), step_duration=1.0)
+    assert result.breakdowns.tolist() == [[4, 0, 0, 0, 0], [0, 0, 0, 0, 4]]
+    assert result.num_running.tolist() == [2, 0]
+    assert result.num_preemptions == 0
+
+
+def test_first_come_first_served_without_overtaking():
+    # 16 slots, oracle reservations. A = (4, 4, final 8) takes [0, 8); B = (6, 4, final 10) needs an
+    # aligned block of 16 and waits until A leaves; C = (1, 1, final 2) would fit now but waits
+    # behind B. A runs steps 0-3 and leaves at step 4; B takes [0, 10) and C [10, 12) at step 4.
+    # C leaves at step 5, B (6 tokens at step 4) after its 4 steps, at step 8.
+    cache = ContiguousKVCache(16, "oracle", max_seq_len=16)
+    result = serve(cache, trace((4, 4), (6, 4), (1, 1)), step_duration=1.0)
+    assert result.num_running.tolist() == [1, 1, 1, 1, 2, 1, 1, 1, 0]
+    assert result.num_waiting.tolist() == [2, 2, 2, 2, 0, 0, 0, 0, 0]
+
+
 def test_paged_internal_fragmentation():
     # Block size 4: a prompt of 5 with 1 output token (final 6) takes 2 blocks; of the second
     # block, slot 5 will be filled (reservation) and slots 6 and 7 never (internal).
@@ -128,6 +208,96 @@ def test_bad_input():
         make_cache("contiguous", 64)
     with pytest.raises(ValueError, match="never fit"):
         serve(make_cache("paged", 32, max_seq_len=64), trace((30, 10)))
+    for block in (0, -16):
+        with pytest.raises(ValueError, match="--block-size"):
+            make_cache("paged", 64, block_size=block)
+    with pytest.raises(ValueError, match="--kv-slots"):
+        make_cache("paged", 8, block_size=16)
+    # A step that does not advance time would never reach a later arrival: refused, not a hang.
+    for step_duration in (0.0, -0.04, math.nan):
+        with pytest.raises(ValueError, match="step_duration"):
+            serve(make_cache("paged", 64, 16), trace((5, 5), (5, 5), arrivals=(0.0, 1.0)), step_duration)
+    with pytest.raises(ValueError, match="--num-requests"):
+        Sizes(num_requests=0)
+
+
+@pytest.mark.parametrize(
+    "main, argv",
+    [
+        (batching.main, ["--step-duration", "0"]),
+        (batching.main, ["--step-duration", "nan"]),
+        (timeline.main, ["--step-duration", "-0.04"]),
+        (timeline.main, ["--num-requests", "0"]),
+        (fragmentation.main, ["--num-requests", "0"]),
+        (fragmentation.main, ["--block-size", "0"]),
+        (fragmentation.main, ["--rate", "0"]),
+        (block_size.main, ["--block-sizes", "16", "-4"]),
+        (fragmentation.main, ["--dataset", "lmsys"]),
+        (timeline.main, ["--dataset", "missing.csv"]),
+    ],
+)
+def test_bad_options_stop_before_any_run(tmp_path, capsys, main, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path), "--quick", "--jobs", "1", *argv])
+    assert stop.value.code == 2  # argparse's usage error
+    assert argv[0] in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_batching_averages_until_the_last_arrival(tmp_path):
+    # Long requests (100 output tokens) at 2 req/s: the drain after the last arrival would take
+    # ~100 more steps. Step k is at k x 0.04 s and the last request joins at the first step at or
+    # after its arrival, so the run has that step's index + 1 steps.
+    lengths = tmp_path / "long.json"
+    lengths.write_text("[[10, 100], [20, 100], [30, 100], [40, 100]]")
+    sizes = Sizes(kv_slots=4096)
+    last = make_trace(str(lengths), None, 2.0, seed=0)[-1].arrival_time
+    steps = 0
+    while steps * 0.04 < last:
+        steps += 1
+    row = batching.one_run(str(lengths), 2.0, "paged", sizes, 0, 0.04, 16)
+    assert row["steps"] == steps + 1
+    assert row["steps"] < 100
+    result = serve(make_cache("paged", 4096), make_trace(str(lengths), None, 2.0, seed=0), 0.04,
+                   measure_memory=False, stop_at_last_arrival=True)
+    assert row["requests_batched"] == round(float(result.num_running.mean()), 2)
+
+
+def test_timeline_times_are_seconds():
+    # The hand trace of test_contiguous_max (4 steps) with 0.25 s steps: one row per step.
+    sizes = Sizes(kv_slots=16, max_seq_len=8)
+    rows = timeline.one_run("contiguous-max", trace((2, 3), (3, 2), (1, 1)), sizes, 0.25)
+    assert [row["time_s"] for row in rows] == [0.0, 0.25, 0.5, 0.75]
+    assert [row["token_states"] for row in rows] == [31.25, 43.75, 31.25, 0.0]  # 5, 7, 5, 0 of 16
+    assert [row["running"] for row in rows] == [2, 2, 2, 0]
+    assert [row["memory_bound"] for row in rows] == [1.0, 1.0, 0.0, 0.0]  # C waits at steps 0-1
+    # One request of 1 + 1199 tokens: admitted at step 0, leaves at step 1199, 1200 steps in bins
+    # of ceil(1200 / 500) = 3 steps, i.e. 0.12 s apart; the last bin starts at step 1197.
+    rows = timeline.one_run("paged", [Request(0, 0.0, 1, 1199)], Sizes(kv_slots=2048), 0.04)
+    times = [row["time_s"] for row in rows]
+    assert len(times) == 400
+    assert times == pytest.approx([0.12 * k for k in range(400)])
+    assert times[-1] < 1200 * 0.04
+
+
+def test_paper_constants():
+    # Written out from REFERENCE.md (paper Figure 2, Figure 13, Figure 18b).
+    assert fragmentation.PAPER_FIG2 == {
+        "contiguous-max": {"token_states": 20.4, "reservation": 13.3, "internal_fragmentation": 57.3,
+                           "external_fragmentation": 8.9},
+        "contiguous-pow2": {"token_states": 26.8, "reservation": 17.9, "internal_fragmentation": 13.6,
+                            "external_fragmentation": 41.6},
+        "contiguous-oracle": {"token_states": 38.2, "reservation": 25.2, "internal_fragmentation": 0.0,
+                              "external_fragmentation": 36.6},
+        "paged": {"token_states": 96.3, "waste": 3.7},
+    }
+    assert batching.PAPER_FIG13 == {
+        "sharegpt": (2.0, {"contiguous-max": 7.00, "contiguous-pow2": 9.81, "contiguous-oracle": 13.62,
+                           "paged": 30.42}),
+        "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75,
+                          "paged": 132.44}),
+    }
+    assert block_size.PAPER_BEST == {"sharegpt": (16, 128), "alpaca": (16, 32)}
 
 
 def test_every_experiment_quick(tmp_path):
@@ -145,8 +315,18 @@ def test_every_experiment_quick(tmp_path):
         assert len(rows) > 1
         assert (tmp_path / name.replace(".csv", ".png")).stat().st_size > 10_000
     with (tmp_path / "fragmentation.csv").open() as f:
-        systems = {(row["dataset"], row["system"]) for row in csv.DictReader(f)}
-    assert len(systems) == 8  # two datasets x four systems
+        rows = list(csv.DictReader(f))
+    assert len({(row["dataset"], row["system"]) for row in rows}) == 8  # two datasets x four systems
+    # --quick is memory-bound for every dataset and system: no empty (NaN) averages.
+    assert all(int(row["memory_bound_steps"]) > 0 for row in rows)
+    assert not any(math.isnan(float(row[name])) for row in rows for name in fragmentation.CATEGORIES)
+    assert {int(row["requests"]) for row in rows} == {QUICK.default_requests, 5 * QUICK.default_requests}
+    with (tmp_path / "block_size.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert int(row["memory_bound_steps"]) > 0
+        parts = float(row["reservation"]) + float(row["internal_fragmentation"]) + float(row["external_fragmentation"])
+        assert float(row["waste"]) == pytest.approx(parts, abs=0.021)  # four roundings to 0.01
 
 
 def test_fragmentation_on_a_lengths_file(tmp_path):
@@ -162,3 +342,23 @@ def test_fragmentation_on_a_lengths_file(tmp_path):
     # Max reserves 2048 of the 4096 slots for every request: two run at once, nothing else fits.
     assert float(max_row["requests_batched"]) == 2.0
     assert float(max_row["external_fragmentation"]) == 0.0
+    # Without --rate every request arrives at time 0: the same run as rate inf, memory-bound
+    # from its first step.
+    sizes = Sizes(kv_slots=QUICK.kv_slots, num_requests=40)
+    for row in rows:
+        expected = fragmentation.one_run(str(lengths), row["system"], sizes, 0, math.inf, 16)
+        assert int(row["steps"]) == expected["steps"]
+        assert int(row["memory_bound_steps"]) == expected["memory_bound_steps"] > 0
+
+
+def test_fragmentation_replays_a_lengths_file(tmp_path):
+    # Without --num-requests a lengths file is replayed: one request per entry, in order.
+    lengths = tmp_path / "mine.csv"
+    lengths.write_text("prompt_len,output_len\n" + "".join(f"{p},{o}\n" for p, o in [(1500, 500)] * 3))
+    fragmentation.main(["--out", str(tmp_path), "--quick", "--jobs", "1", "--dataset", str(lengths)])
+    with (tmp_path / "fragmentation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {int(row["requests"]) for row in rows} == {3}
+    # Max: 2 of the 3 requests of 2000 tokens fit in 4096 slots, the third waits their 500 steps.
+    assert float(rows[0]["requests_batched"]) == 2.0
+    assert int(rows[0]["memory_bound_steps"]) == 500

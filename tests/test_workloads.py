@@ -23,6 +23,7 @@ def test_means_match_the_paper(name):
 
 
 @pytest.mark.parametrize("max_seq_len", [2048, 300])
+@pytest.mark.filterwarnings("ignore:sharegpt with max_seq_len=300")
 def test_lengths_are_positive_integers_within_the_cap(max_seq_len):
     prompt, output = sample_lengths("sharegpt", 100_000, np.random.default_rng(1), max_seq_len)
     assert prompt.dtype == output.dtype == np.int64
@@ -39,6 +40,12 @@ def test_seeding_is_reproducible():
     b = make_trace("alpaca", 50, rate=6.0, seed=7)
     assert [(r.prompt_len, r.output_len) for r in a] == [(r.prompt_len, r.output_len) for r in b]
     assert [r.arrival_time / 2 for r in a] == pytest.approx([r.arrival_time for r in b])
+    # Rate inf draws no gaps at all; the lengths are still the same (they are drawn first).
+    c = make_trace("alpaca", 50, rate=float("inf"), seed=7)
+    assert [(r.prompt_len, r.output_len) for r in a] == [(r.prompt_len, r.output_len) for r in c]
+    assert all(r.arrival_time == 0.0 for r in c)
+    # The first request arrives one gap after time 0, not at 0.
+    assert a[0].arrival_time > 0
 
 
 def test_poisson_arrivals():
@@ -66,9 +73,16 @@ def test_load_lengths_csv_and_json(tmp_path):
     for path in (csv_path, json_pairs, json_objects):
         prompt, output = load_lengths(path)
         assert prompt.tolist() == [10, 3] and output.tolist() == [5, 100]
-    # A file is a workload too: its pairs are drawn with replacement.
+    # A file is a workload too: without a number of requests it is replayed in order...
+    trace = make_trace(str(csv_path), None, rate=2.0, seed=0)
+    assert [(r.request_id, r.prompt_len, r.output_len) for r in trace] == [(0, 10, 5), (1, 3, 100)]
+    assert 0 < trace[0].arrival_time < trace[1].arrival_time
+    # ... and with one, that many of its pairs are drawn with replacement.
     trace = make_trace(str(csv_path), 50, rate=2.0, seed=0)
+    assert len(trace) == 50
     assert {(r.prompt_len, r.output_len) for r in trace} == {(10, 5), (3, 100)}
+    with pytest.raises(ValueError, match="num_requests"):
+        make_trace(str(csv_path), -1, rate=2.0, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +93,10 @@ def test_load_lengths_csv_and_json(tmp_path):
         ("a.csv", "prompt_len,output_len\n", "no lengths"),
         ("a.json", "[[1, 2], [3]]", "pairs"),
         ("a.json", "[[1.5, 2]]", "pairs"),
+        ("a.json", "[[3.0, 2]]", "pairs"),  # integers only, as in a CSV
+        ("a.json", '[["12", "7"]]', "pairs"),  # a string is not a number
+        ("a.json", "[[true, 2]]", "pairs"),
+        ("a.csv", "prompt_len,output_len\n3.0,2\n", "prompt_len,output_len"),
         ("a.json", "{not json", "pairs"),
         ("a.json", "[[0, 2]]", ">= 1"),
         ("a.json", "[[2000, 49]]", "max_seq_len=2048"),
@@ -101,3 +119,10 @@ def test_bad_arguments():
             poisson_arrivals(10, rate, rng)
     with pytest.raises(ValueError, match="num_requests"):
         sample_lengths("alpaca", -1, rng)
+    with pytest.raises(ValueError, match="num_requests"):
+        make_trace("sharegpt", None, rate=1.0)
+
+
+def test_a_small_max_seq_len_warns_that_the_means_are_missed():
+    with pytest.warns(UserWarning, match="max_seq_len=300"):
+        sample_lengths("sharegpt", 10, np.random.default_rng(0), max_seq_len=300)

@@ -38,8 +38,11 @@ from minipaged.experiments.serve import (
     SYSTEMS,
     Sizes,
     add_common_args,
+    check_workloads,
     make_cache,
     map_runs,
+    positive_float,
+    positive_int,
     serve,
     sizes_from_args,
     write_csv,
@@ -118,18 +121,20 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--dataset", nargs="+", default=["sharegpt", "alpaca"],
                         help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
-    parser.add_argument("--rates", type=float, nargs="+",
+    parser.add_argument("--rates", type=positive_float, nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=float, default=STEP_DURATION, help="seconds per model step")
-    parser.add_argument("--block-size", type=int, default=16, help="block size of the paged cache")
+    parser.add_argument("--step-duration", type=positive_float, default=STEP_DURATION,
+                        help="seconds per model step")
+    parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
     args = parser.parse_args(argv)
+    sizes = sizes_from_args(args)
+    check_workloads(parser, args.dataset, sizes)
     defaults = QUICK_RATES if args.quick else RATES
     rates = {w: args.rates or defaults.get(w) for w in args.dataset}
     missing = [w for w, r in rates.items() if not r]
     if missing:
         parser.error(f"--rates is needed for {', '.join(missing)} (defaults exist for {', '.join(RATES)})")
-    rows = run(args.dataset, rates, sizes_from_args(args), args.seed, args.step_duration, args.block_size,
-               args.jobs)
+    rows = run(args.dataset, rates, sizes, args.seed, args.step_duration, args.block_size, args.jobs)
     out = Path(args.out)
     write_csv(out / "batching.csv", rows)
     plot(rows, out / "batching.png")

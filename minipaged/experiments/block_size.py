@@ -27,7 +27,7 @@ import argparse
 import math
 from pathlib import Path
 
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
 
 from minipaged.experiments.fragmentation import PAPER_FIG2, workload_name
 from minipaged.experiments.plotting import COLORS, LABELS, plt, save
@@ -36,8 +36,11 @@ from minipaged.experiments.serve import (
     PAPER_SIZES,
     Sizes,
     add_common_args,
+    check_workloads,
     make_cache,
     map_runs,
+    note_unbounded,
+    positive_int,
     serve,
     sizes_from_args,
     write_csv,
@@ -64,6 +67,7 @@ def one_run(workload: str, block_size: int, sizes: Sizes, seed: int) -> dict:
         "waste": round(sum(shares[name] for name in WASTE), 2),
         "requests_batched": round(float(result.num_running[steps].mean()), 2) if steps.any() else math.nan,
         "preemptions": result.num_preemptions,
+        "memory_bound_steps": int(steps.sum()),
         "requests": len(requests),
     }
 
@@ -98,7 +102,8 @@ def plot(rows: list[dict], path: Path) -> None:
                   markeredgecolor="black", label="paper Fig. 2: vLLM waste at 16 (ShareGPT)")
     for ax in (waste_ax, batch_ax):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))  # 1, 2, ..., 256, not 1.0, 2.0, ...
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("block size (tokens per block)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -118,10 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--dataset", nargs="+", default=["sharegpt", "alpaca"],
                         help="sharegpt, alpaca, or .csv/.json files of lengths")
-    parser.add_argument("--block-sizes", type=int, nargs="+", help=f"powers of two (default {BLOCK_SIZES})")
+    parser.add_argument("--block-sizes", type=positive_int, nargs="+",
+                        help=f"block sizes, best powers of two (default {BLOCK_SIZES})")
     args = parser.parse_args(argv)
+    sizes = sizes_from_args(args)
+    check_workloads(parser, args.dataset, sizes)
     block_sizes = args.block_sizes or (QUICK_BLOCK_SIZES if args.quick else BLOCK_SIZES)
-    rows = run(args.dataset, block_sizes, sizes_from_args(args), args.seed, args.jobs)
+    rows = run(args.dataset, block_sizes, sizes, args.seed, args.jobs)
+    note_unbounded(rows, "block size")
     out = Path(args.out)
     write_csv(out / "block_size.csv", rows)
     plot(rows, out / "block_size.png")

@@ -5,14 +5,17 @@ Time advances in *steps* (iterations of the model). One step:
 
 1. Requests whose arrival time has come join the back of the waiting queue (time of step
    k = k * step_duration seconds; the step duration is the one mapping from steps to seconds).
-2. Every running request grows by one token (``append_slots``); a request that reaches its
-   final length (prompt + output) leaves and frees its memory.
+2. Every running request grows by one token (``append_slots``). A request whose next token
+   is its last (it holds prompt + output - 1 tokens) leaves instead and frees its memory: its
+   last token is sampled but never fed back to the model, so its KV is never stored (and the
+   growth cannot preempt anyone).
 3. First come, first served: while the request at the head of the waiting queue fits
    (``can_allocate(prompt_len, final_len)``), it is allocated and starts running (its prefill).
    Nothing overtakes the head, even if it would fit.
 4. The cache's memory breakdown is sampled (``memory_breakdown(next_request=head of the
    waiting queue)``), with the number of running and waiting requests. A request admitted in
-   this step counts with its prompt only: the state while the step's model pass runs.
+   this step counts with its prompt only: the state while the step's model pass runs. A
+   request is thus sampled holding P, P+1, ..., P+O-1 tokens: it runs for O steps.
 
 The contiguous cache reserves each request's slab up front, so a running request can always
 grow. The paged cache allocates a block only when the previous one is full, so a running
@@ -31,6 +34,7 @@ import argparse
 import csv
 import math
 import os
+import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -42,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
-from minipaged.workloads import MAX_SEQ_LEN, Request
+from minipaged.workloads import MAX_SEQ_LEN, Request, get_dataset, is_lengths_file, load_lengths
 
 T = TypeVar("T")
 
@@ -60,7 +64,11 @@ STEP_DURATION = 0.04
 def make_cache(system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = 16) -> KVCache:
     """A cache of about `num_slots` token slots for one of SYSTEMS (the paged cache gets
     num_slots // block_size blocks)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"the block size (--block-size) must be a positive integer, got {block_size!r}")
     if system == "paged":
+        if num_slots < block_size:
+            raise ValueError(f"--kv-slots ({num_slots}) must hold at least one block of {block_size} slots")
         return PagedKVCache(num_slots // block_size, block_size, max_seq_len=max_seq_len)
     if system.startswith("contiguous-"):
         return ContiguousKVCache(num_slots, system.removeprefix("contiguous-"), max_seq_len=max_seq_len)
@@ -110,6 +118,8 @@ def serve(
     stop_at_last_arrival=True until the step at which the last request arrives (see the module
     docstring). With measure_memory=False the breakdown is not sampled (zeros; request counts
     only)."""
+    if not step_duration > 0:  # also rejects NaN; a zero step would never reach a later arrival
+        raise ValueError(f"step_duration must be a positive number of seconds, got {step_duration}")
     longest = max((r.final_len for r in requests), default=0)
     if longest > cache.capacity:
         raise ValueError(f"a request of {longest} tokens can never fit in a KV space of {cache.capacity} slots")
@@ -129,6 +139,9 @@ def serve(
         while running:
             job = running.popleft()
             seq_id = job.request.request_id
+            if cache.num_tokens(seq_id) + 1 == job.request.final_len:  # its last token: done
+                cache.free(seq_id)
+                continue
             while not cache.can_append(seq_id) and running:
                 num_preemptions += 1
                 waiting.appendleft(preempt(cache, running.pop()))
@@ -137,10 +150,7 @@ def serve(
                 waiting.appendleft(preempt(cache, job))
                 continue
             cache.append_slots(seq_id)
-            if cache.num_tokens(seq_id) == job.request.final_len:
-                cache.free(seq_id)
-            else:
-                still_running.append(job)
+            still_running.append(job)
         running = still_running
 
         # Admission, first come first served.
@@ -178,21 +188,38 @@ def preempt(cache: KVCache, job: Job) -> Job:
 
 @dataclass(frozen=True)
 class Sizes:
-    """How large a run is: the KV space, the model's maximum length and the requests per run."""
+    """How large a run is: the KV space, the model's maximum length and the requests per run.
+
+    num_requests=None means `default_requests` requests of a dataset (5 times as many for alpaca,
+    whose requests are ~6x shorter), and a replay of every line of a lengths file."""
 
     kv_slots: int = PAPER_NUM_SLOTS
     max_seq_len: int = MAX_SEQ_LEN
-    num_requests: int | None = None  # None: 1000, or 5000 for alpaca (whose requests are ~6x shorter)
+    num_requests: int | None = None
+    default_requests: int = 1000
 
-    def requests_for(self, workload: str) -> int:
+    def __post_init__(self) -> None:
+        for name, value, least in [("kv_slots", self.kv_slots, 1), ("max_seq_len", self.max_seq_len, 2),
+                                   ("default_requests", self.default_requests, 1)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.num_requests is not None and (
+            isinstance(self.num_requests, bool) or not isinstance(self.num_requests, int) or self.num_requests < 1
+        ):
+            raise ValueError(f"--num-requests must be a positive integer, got {self.num_requests!r}")
+
+    def requests_for(self, workload: str) -> int | None:
         if self.num_requests is not None:
             return self.num_requests
-        return 5000 if workload == "alpaca" else 1000
+        if is_lengths_file(workload):
+            return None  # replay the file
+        return self.default_requests * (5 if workload == "alpaca" else 1)
 
 
 PAPER_SIZES = Sizes()
-# --quick: a KV space of 4096 slots (two Max slabs) stays the bottleneck with only 100 requests.
-QUICK = Sizes(kv_slots=4096, num_requests=100)
+# --quick: a KV space of 4096 slots (two Max slabs) with 100 ShareGPT / 500 Alpaca requests, all
+# memory-bound at rate inf for every system (Alpaca's paged cache needs the 500).
+QUICK = Sizes(kv_slots=4096, default_requests=100)
 
 
 def map_runs(function: Callable[..., T], runs: list[tuple], jobs: int, desc: str) -> list[T]:
@@ -206,18 +233,65 @@ def map_runs(function: Callable[..., T], runs: list[tuple], jobs: int, desc: str
         return [future.result() for future in futures]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (inf allowed; NaN, 0 and negatives are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every experiment takes."""
     parser.add_argument("--out", required=True, help="directory for the CSV and PNG files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request traces")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (processes)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                        help="runs in parallel (processes)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a small run for tests and a first look ({QUICK.num_requests} requests, "
-                             f"{QUICK.kv_slots} slots)")
-    parser.add_argument("--num-requests", type=int, help="requests per run (default 1000; 5000 for alpaca)")
-    parser.add_argument("--kv-slots", type=int,
+                        help=f"a small run for tests and a first look ({QUICK.default_requests} requests, "
+                             f"{5 * QUICK.default_requests} for alpaca, {QUICK.kv_slots} slots)")
+    parser.add_argument("--num-requests", type=positive_int,
+                        help="requests per run (default 1000; 5000 for alpaca; a lengths file is replayed "
+                             "in order, or with this option that many of its pairs are drawn with replacement)")
+    parser.add_argument("--kv-slots", type=positive_int,
                         help=f"token slots of the KV space (default {PAPER_NUM_SLOTS}: OPT-13B on an A100-40GB)")
-    parser.add_argument("--max-seq-len", type=int, help=f"the model's maximum length (default {MAX_SEQ_LEN})")
+    parser.add_argument("--max-seq-len", type=positive_int,
+                        help=f"the model's maximum length (default {MAX_SEQ_LEN})")
+
+
+def check_workloads(parser: argparse.ArgumentParser, workloads: list[str], sizes: Sizes) -> None:
+    """Stop with a usage error, before any run starts, on an unknown dataset or a bad lengths file."""
+    for workload in workloads:
+        try:
+            if is_lengths_file(workload):
+                load_lengths(workload, sizes.max_seq_len)
+            else:
+                get_dataset(workload)
+        except (OSError, ValueError) as e:
+            parser.error(f"--dataset {workload}: {e}")
+
+
+def note_unbounded(rows: list[dict], what: str) -> None:
+    """Print a note for each run in which no request ever waited for memory (its averages are NaN)."""
+    for row in rows:
+        if row["memory_bound_steps"] == 0:
+            where = ", ".join(f"{key} {row[key]}" for key in ("dataset", "system", "block_size") if key in row)
+            print(f"note: {what} ({where}): no request ever waited for memory, so its averages over the "
+                  "memory-bound steps are empty (NaN); use more requests or a smaller --kv-slots", file=sys.stderr)
 
 
 def sizes_from_args(args: argparse.Namespace) -> Sizes:
