@@ -256,6 +256,10 @@ def test_memory_breakdown_is_exact():
     cache.allocate(0, 10, final_len=13)  # 3 blocks: 10 tokens, 2 more will come, 0 never
     cache.allocate(1, 5, final_len=6)  # 2 blocks: 5 tokens, 1 more will come, 2 never
     assert cache.memory_breakdown() == MemoryBreakdown(15, 3, 2, 0, 12)
+    assert cache.memory_breakdown().percentages() == {
+        "token_states": 46.875, "reservation": 9.375, "internal_fragmentation": 6.25,
+        "external_fragmentation": 0.0, "free": 37.5,
+    }
     # A waiting prompt of 17 tokens needs 5 blocks, 3 are free: all free slots are stranded.
     assert cache.memory_breakdown(next_request=(17, None)) == MemoryBreakdown(15, 3, 2, 12, 0)
     cache.fork(0, 2)  # shared blocks are counted once

@@ -262,17 +262,16 @@ def paged_prefill_attention(
     host_tables, host_lens = (x.cpu() if isinstance(x, Tensor) else x for x in (block_tables, context_lens))
     q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, host_tables, host_lens, decode=False)
     query_starts = check_index(query_start_loc, "query_start_loc", (tables.shape[0] + 1,), q_.device)
-    num_new = query_starts.diff().cpu()
+    host_starts = query_start_loc.cpu()  # one read back; host_lens is already on the CPU
+    num_new = host_starts.diff()
     require(
-        int(query_starts[0]) == 0 and int(query_starts[-1]) == q_.shape[0],
+        int(host_starts[0]) == 0 and int(host_starts[-1]) == q_.shape[0],
         "query_start_loc",
         "must run from 0 to q.shape[0] = {}",
         q_.shape[0],
     )
     require(bool((num_new >= 0).all()), "query_start_loc", "must be non-decreasing")
-    require(
-        bool((num_new <= lens.cpu()).all()), "query_start_loc", "a sequence has more new tokens than context_lens"
-    )
+    require(bool((num_new <= host_lens).all()), "query_start_loc", "a sequence has more new tokens than context_lens")
     scale = q_.shape[-1] ** -0.5 if scale is None else scale
     if not _attention_backend("paged_prefill_attention", q_, k, v):
         return reference.paged_prefill_attention(q_, k, v, tables, lens, query_starts, scale=scale)
@@ -284,7 +283,7 @@ def paged_prefill_attention(
         starts=None,
         context_lens=lens,
         query_start_loc=query_starts,
-        max_context_len=int(lens.max()),
+        max_context_len=int(host_lens.max()),
         max_query_len=int(num_new.max()),
         scale=scale,
     )
