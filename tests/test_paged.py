@@ -309,7 +309,7 @@ def test_bad_calls_leave_the_cache_unchanged():
         (lambda: cache.allocate(1, 4, final_len=7.5), "final_len"),
         (lambda: cache.allocate(1, 2, token_ids=[1]), "token_ids"),
         (lambda: cache.append_slots(0, 1, token_ids=[1.5]), "integers"),
-        (lambda: cache.block_tables_tensor([]), "at least one"),
+        (lambda: cache.attention_metadata([], []), "at least one"),
     ]
     for call, message in bad:
         with pytest.raises(ValueError, match=message):

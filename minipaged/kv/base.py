@@ -22,6 +22,7 @@ import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent, MemoryBreakdown, breakdown
+from minipaged.ops.metadata import AttentionMetadata
 
 
 class KVCacheFull(RuntimeError):
@@ -114,8 +115,12 @@ class KVCache(ABC):
         """Bring swapped-out sequences back; KVCacheFull (nothing changed) when they do not fit."""
 
     @abstractmethod
-    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+    def _slots(self, seq_id: int, positions: range) -> list[int]:
         """Slots of the given positions of a live sequence (the one place the two designs differ)."""
+
+    @abstractmethod
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(block_tables, starts)`` of live sequences for the kernels: the other design's is None."""
 
     @abstractmethod
     def _extents(self) -> list[Extent]:
@@ -145,7 +150,38 @@ class KVCache(ABC):
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"positions [{start}, {end}) must lie within [0, {n}] for sequence {seq_id}")
-        return self._slots(seq_id, torch.arange(start, end, device=self.device))
+        return torch.tensor(self._slots(seq_id, range(start, end)), dtype=torch.int64, device=self.device)
+
+    def attention_metadata(self, seq_ids: list[int], num_new_tokens: list[int]) -> AttentionMetadata:
+        """What the kernels need for one step in which sequence ``seq_ids[i]`` brings its last
+        ``num_new_tokens[i]`` tokens (already allocated: after ``allocate``/``append_slots``).
+
+        Built once per step on the host, in one pass, then shared by every layer.
+        """
+        if not seq_ids:
+            raise ValueError("seq_ids must name at least one sequence")
+        if len(num_new_tokens) != len(seq_ids):
+            raise ValueError(f"num_new_tokens has {len(num_new_tokens)} entries for {len(seq_ids)} sequences")
+        context_lens, slots, query_start_loc = [], [], [0]
+        for seq_id, new in zip(seq_ids, num_new_tokens):
+            self._check_live(seq_id)
+            n = self._num_tokens[seq_id]
+            if not isinstance(new, int) or not 1 <= new <= n:
+                raise ValueError(f"sequence {seq_id} holds {n} tokens: its new tokens must number 1..{n}, got {new}")
+            context_lens.append(n)
+            slots += self._slots(seq_id, range(n - new, n))
+            query_start_loc.append(query_start_loc[-1] + new)
+        decode = query_start_loc[-1] == len(seq_ids)
+        block_tables, starts = self._kernel_addressing(seq_ids)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
+            query_start_loc=None if decode else torch.tensor(query_start_loc, dtype=torch.int32, device=self.device),
+            block_tables=block_tables,
+            starts=starts,
+            max_context_len=max(context_lens),
+            max_query_len=max(num_new_tokens),
+        )
 
     def _check_live(self, seq_id: int) -> None:
         if seq_id not in self._num_tokens:

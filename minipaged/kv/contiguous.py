@@ -72,10 +72,6 @@ class ContiguousKVCache(KVCache):
         self._check_live(seq_id)
         return self.slabs[seq_id]
 
-    def starts(self, seq_ids: list[int]) -> torch.Tensor:
-        """int32 start slots for the contiguous attention kernel."""
-        return torch.tensor([self.slab(s)[0] for s in seq_ids], dtype=torch.int32, device=self.device)
-
     def reserved_slots(self, num_tokens: int, final_len: int | None, token_ids: list[int] | None = None) -> int:
         """How many slots the policy reserves for a request (and checks it can ever fit)."""
         self._check_request(num_tokens, final_len, token_ids)
@@ -180,8 +176,13 @@ class ContiguousKVCache(KVCache):
             self._num_tokens[seq_id] = n
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
-        return self.slabs[seq_id][0] + positions
+    def _slots(self, seq_id: int, positions: range) -> list[int]:
+        start = self.slabs[seq_id][0]
+        return [start + p for p in positions]
+
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """int32 start slot of each slab."""
+        return None, torch.tensor([self.slabs[s][0] for s in seq_ids], dtype=torch.int32, device=self.device)
 
     def _extents(self) -> list[Extent]:
         extents = []

@@ -172,15 +172,6 @@ class PagedKVCache(KVCache):
         self._check_live(seq_id)
         return list(self.block_tables[seq_id])
 
-    def block_tables_tensor(self, seq_ids: list[int]) -> torch.Tensor:
-        """int32 ``[len(seq_ids), max_blocks]`` tables for the kernels, padded with block 0."""
-        if not seq_ids:
-            raise ValueError("seq_ids must name at least one sequence")
-        tables = [self.block_table(s) for s in seq_ids]
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device)
-
     # -- prefix hashing --------------------------------------------------------------------
     def _chain_hashes(self, token_ids: list[int], previous: list[bytes]) -> list[bytes]:
         """Hashes of the full blocks of ``token_ids`` after the ``len(previous)`` already hashed.
@@ -386,9 +377,16 @@ class PagedKVCache(KVCache):
                 src.allocator.release(block)
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(self.block_tables[seq_id], dtype=torch.int64, device=self.device)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slots(self, seq_id: int, positions: range) -> list[int]:
+        table, bs = self.block_tables[seq_id], self.block_size
+        return [table[p // bs] * bs + p % bs for p in positions]
+
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """int32 ``[len(seq_ids), max_blocks]`` block tables, padded with block 0 (never read)."""
+        tables = [self.block_tables[s] for s in seq_ids]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.int32, device=self.device), None
 
     def _extents(self) -> list[Extent]:
         bs = self.block_size

@@ -6,6 +6,7 @@ a GPU (or on a CPU under ``TRITON_INTERPRET=1``) and otherwise the plain-PyTorch
 """
 
 from minipaged.ops.dispatch import (
+    attention,
     contiguous_decode_attention,
     copy_blocks,
     paged_decode_attention,
@@ -13,8 +14,11 @@ from minipaged.ops.dispatch import (
     swap_blocks,
     write_to_cache,
 )
+from minipaged.ops.metadata import AttentionMetadata
 
 __all__ = [
+    "AttentionMetadata",
+    "attention",
     "contiguous_decode_attention",
     "copy_blocks",
     "paged_decode_attention",

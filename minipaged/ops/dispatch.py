@@ -24,6 +24,7 @@ from minipaged.ops.checks import (
     on_host,
     require,
 )
+from minipaged.ops.metadata import AttentionMetadata
 
 logger = logging.getLogger("minipaged.ops")
 
@@ -286,4 +287,54 @@ def paged_prefill_attention(
         max_context_len=int(host_lens.max()),
         max_query_len=int(num_new.max()),
         scale=scale,
+    )
+
+
+def attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, metadata: AttentionMetadata, *, scale: float | None = None
+) -> Tensor:
+    """Attention of one step's new tokens ``q [T, H, D]`` over their sequences' cached context.
+
+    The engine's entry point: one call per layer for paged and contiguous caches, decode and
+    prefill alike (``metadata`` says which, see ``minipaged.ops.metadata``). ``k_cache`` is the
+    paged pool ``[num_blocks, block_size, H_kv, D]`` or the contiguous arena ``[num_slots, H_kv,
+    D]``. The new tokens' K/V must already be written. Shapes are checked; the index values are
+    not, because ``metadata`` comes from a cache, which built it valid, and reading them would
+    stall the GPU once per layer.
+    """
+    paged = metadata.block_tables is not None
+    q_, k, v = check_attention(q, k_cache, v_cache, cache_ndim=4 if paged else 3)
+    require(
+        metadata.is_decode or q_.shape[0] == metadata.slot_mapping.shape[0],
+        "q", "has {} tokens, metadata.slot_mapping {}", q_.shape[0], metadata.slot_mapping.shape[0],
+    )
+    require(
+        not metadata.is_decode or q_.shape[0] == metadata.num_seqs,
+        "q", "has {} tokens, a decode step of {} sequences needs one each", q_.shape[0], metadata.num_seqs,
+    )
+    scale = q_.shape[-1] ** -0.5 if scale is None else scale
+    op = "attention (" + ("paged" if paged else "contiguous") + (", decode)" if metadata.is_decode else ", prefill)")
+    if _attention_backend(op, q_, k, v):
+        return triton_attention.attention(
+            q_,
+            k,
+            v,
+            block_tables=metadata.block_tables,
+            starts=metadata.starts,
+            context_lens=metadata.context_lens,
+            query_start_loc=metadata.query_start_loc,
+            max_context_len=metadata.max_context_len,
+            max_query_len=metadata.max_query_len,
+            scale=scale,
+        )
+    tables = metadata.block_tables
+    if not paged:
+        # The arena is a pool of one-slot blocks, and a slab is the run starts[s], starts[s] + 1, ...
+        k, v = k.unsqueeze(1), v.unsqueeze(1)  # [num_slots, 1, H_kv, D]
+        positions = torch.arange(metadata.max_context_len, device=q_.device, dtype=torch.int32)
+        tables = metadata.starts[:, None] + positions  # [S, max_context_len]
+    if metadata.is_decode:
+        return reference.paged_decode_attention(q_, k, v, tables, metadata.context_lens, scale=scale)
+    return reference.paged_prefill_attention(
+        q_, k, v, tables, metadata.context_lens, metadata.query_start_loc, scale=scale
     )

@@ -1,0 +1,44 @@
+"""The one handoff from a KV cache to the attention kernels (paper §4.1, §5.1).
+
+A forward step of the model runs a batch of sequences, each bringing some *new* tokens (a
+whole prompt, a chunk of one, or the single token of a decode step). Before the step, the
+cache makes room for them; then it describes, once for the whole step, where every token's
+K/V lives. Every layer reuses that description: it writes its new K/V to ``slot_mapping`` and
+attends through ``block_tables`` (paged) or ``starts`` (contiguous).
+
+The two caches differ in exactly one field, which is ``None`` in the other mode:
+
+* paged: ``block_tables[s, i]`` is the physical block holding logical block ``i`` of sequence
+  ``s``: token ``p`` lives at slot ``block_tables[s, p // B] * B + p % B``;
+* contiguous: token ``p`` lives at slot ``starts[s] + p``.
+
+So the engine never asks which cache it holds: it passes this object to ``ops.attention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where one step's tokens go and where every sequence's context is, for ``S`` sequences
+    and ``T`` new tokens in all (packed sequence after sequence)."""
+
+    slot_mapping: Tensor  # int64 [T]: the slot each new token's K/V is written to
+    context_lens: Tensor  # int32 [S]: tokens of each sequence in the cache, this step's included
+    query_start_loc: Tensor | None  # int32 [S + 1]: sequence s's new tokens are [q[s], q[s+1]); None: one each (decode)
+    block_tables: Tensor | None  # int32 [S, max_blocks]: paged; None for the contiguous cache
+    starts: Tensor | None  # int32 [S]: first slot of each slab: contiguous; None for the paged cache
+    max_context_len: int  # max(context_lens), known on the host (sizes the kernel's grid without a GPU sync)
+    max_query_len: int  # the most new tokens of one sequence (1 in decode)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_start_loc is None
