@@ -1,0 +1,177 @@
+"""Turning the scheduler's plan into tensors, running the model and the sampler (paper §5).
+
+The one place where a step becomes GPU work. For a plan it builds, once per step:
+
+* ``input_ids``/``positions`` ``[T]``: every scheduled sequence's new tokens, packed one
+  sequence after the other (a decode step feeds one token per sequence, a prefill many);
+* the attention metadata ``[T]``/``[S]``: built by the cache (``attention_metadata``), which
+  alone knows whether tokens live in blocks or slabs;
+
+then runs the transformer, keeps the hidden state of each sequence's last token when the
+step yields its next token, and samples.
+
+**CUDA graphs.** A small model's decode step is hundreds of tiny kernel launches: launched from
+Python one by one, the GPU waits on the host. So on a GPU, decode steps are captured once per
+batch size (bucketed: 1, 2, 4, 8, 16, 24, 32, ... up to ``max_num_seqs``) into CUDA graphs that
+read their inputs from static buffers; a step copies its inputs into the buffers (padding rows:
+slot -1, which ``write_to_cache`` skips, and a context of one token) and replays the graph.
+The graph's kernels are sized for ``max_model_len`` tokens of context (their grid cannot change
+after capture); each program stops at its sequence's real length.
+
+``StandInRunner`` has the same interface and runs no model: it "generates" token 0, so the
+memory charts drive thousands of requests of known lengths through the same scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minipaged.engine.sampler import SamplingBatch, sample
+from minipaged.engine.scheduler import SchedulerOutput
+from minipaged.kv import KVCache
+from minipaged.ops import AttentionMetadata
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes decode graphs are captured for: 1, 2, 4, 8, then every 8 (vLLM's buckets)."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return [*sizes, max_num_seqs]
+
+
+class ModelRunner:
+    """Runs a ``minipaged.model.Llama`` over a KV cache, step by step."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, *, max_num_seqs: int, use_cuda_graphs: bool) -> None:
+        self.model, self.cache = model, cache
+        self.device = cache.device
+        self.vocab_size = model.config.vocab_size
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # batch size -> (graph, its logits)
+        if use_cuda_graphs:
+            self._capture(max_num_seqs)
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
+        """Run one step; returns the next token and its log-probability of each sequence that samples."""
+        seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
+        for item in plan.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            seq_ids.append(seq.seq_id)
+            num_new.append(n)
+            input_ids += seq.token_ids[seq.num_cached - n:seq.num_cached]
+            positions += range(seq.num_cached - n, seq.num_cached)
+            if item.samples:
+                last_rows.append(len(input_ids) - 1)
+        metadata = self.cache.attention_metadata(seq_ids, num_new)
+        if not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
+            self._forward(input_ids, positions, metadata)
+            return [], []
+        rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
+        if plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
+            logits = self._replay(input_ids, positions, metadata)[rows]  # [S_sampling, V]
+        else:
+            logits = self.model.compute_logits(self._forward(input_ids, positions, metadata)[rows])
+        sampling = [item.seq for item in plan.scheduled if item.samples]
+        tokens, logprobs = sample(logits, self._sampling_batch(sampling))
+        return tokens.tolist(), logprobs.tolist()  # the step's one wait for the GPU
+
+    def _forward(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        return self.model(ids, pos, self.cache, metadata)  # [T, hidden]
+
+    def _sampling_batch(self, seqs: list) -> SamplingBatch:
+        device = self.device
+        params = [s.params for s in seqs]
+        return SamplingBatch(
+            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_ks=torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device),
+            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device),
+            positions=torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.int64, device=device),
+            all_greedy=all(p.temperature == 0 for p in params),
+        )
+
+    # -- CUDA graphs -----------------------------------------------------------------------
+    def _capture(self, max_num_seqs: int) -> None:
+        """Capture one decode graph per bucket, largest first, all sharing one memory pool."""
+        cache, device, n = self.cache, self.device, max_num_seqs
+        # A one-token sequence shows which addressing this cache hands the kernels.
+        cache.allocate(-1, 1, final_len=1)
+        example = cache.attention_metadata([-1], [1])
+        cache.free(-1)
+        width = -(-cache.max_seq_len // cache.block_size)  # blocks of the longest sequence
+        self.static = AttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),  # -1: write nothing
+            context_lens=torch.ones(n, dtype=torch.int32, device=device),
+            query_start_loc=None,
+            block_tables=None if example.block_tables is None else torch.zeros(n, width, dtype=torch.int32,
+                                                                                device=device),
+            starts=None if example.starts is None else torch.zeros(n, dtype=torch.int32, device=device),
+            max_context_len=cache.max_seq_len,  # the grid must cover any length the graph will see
+            max_query_len=1,
+        )
+        self.static_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.static_positions = torch.zeros(n, dtype=torch.int64, device=device)
+        pool = None
+        for batch in reversed(graph_batch_sizes(max_num_seqs)):
+            metadata = _rows(self.static, batch)
+
+            def forward(batch: int = batch, metadata: AttentionMetadata = metadata) -> Tensor:
+                hidden = self.model(self.static_ids[:batch], self.static_positions[:batch], cache, metadata)
+                return self.model.compute_logits(hidden)
+
+            for _ in range(2):  # warm up: Triton compiles, the allocator settles
+                forward()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = forward()
+            pool = graph.pool()
+            self.graphs[batch] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _replay(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
+        """Copy a decode step's inputs into the smallest graph that fits it, replay; ``[bucket, V]`` logits."""
+        b = len(input_ids)
+        bucket = min(size for size in self.graphs if size >= b)
+        static = self.static
+        self.static_ids[:b].copy_(torch.tensor(input_ids, dtype=torch.int64), non_blocking=True)
+        self.static_positions[:b].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
+        static.slot_mapping[:b].copy_(metadata.slot_mapping)
+        static.slot_mapping[b:bucket].fill_(-1)
+        static.context_lens[:b].copy_(metadata.context_lens)
+        static.context_lens[b:bucket].fill_(1)
+        if static.block_tables is not None:
+            static.block_tables[:b, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+        if static.starts is not None:
+            static.starts[:b].copy_(metadata.starts)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits
+
+
+def _rows(metadata: AttentionMetadata, batch: int) -> AttentionMetadata:
+    """The first ``batch`` sequences of a decode metadata (views of its tensors)."""
+    return AttentionMetadata(
+        slot_mapping=metadata.slot_mapping[:batch],
+        context_lens=metadata.context_lens[:batch],
+        query_start_loc=None,
+        block_tables=None if metadata.block_tables is None else metadata.block_tables[:batch],
+        starts=None if metadata.starts is None else metadata.starts[:batch],
+        max_context_len=metadata.max_context_len,
+        max_query_len=1,
+    )
+
+
+class StandInRunner:
+    """The model replaced by known output lengths: every sequence that samples gets token 0.
+
+    With ``SamplingParams(max_tokens=output_len, ignore_eos=True)`` a request then holds exactly
+    the memory a real one of those lengths would, step by step, at no cost: the memory charts
+    run thousands of requests through the real scheduler and cache this way.
+    """
+
+    def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
+        num_sampling = sum(item.samples for item in plan.scheduled)
+        return [0] * num_sampling, [0.0] * num_sampling

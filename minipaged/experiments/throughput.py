@@ -1,0 +1,229 @@
+"""Serving throughput on a GPU: paging lets the same memory batch more requests (paper §6.2, Fig. 12-13).
+
+The same requests run through minipaged's engine on the paged cache and on the contiguous cache
+with the Orca baselines' reservations (Max, Pow2, Oracle, §6.1), and through transformers' own
+continuous batching (``generate_batch``) and static batching (``generate``). Every output length
+is fixed (EOS ignored), so every system does the same work. Two KV budgets:
+
+* ``large``: as much KV space as the GPU gives (half its free memory), so the batch is limited
+  by ``max_num_seqs`` and the comparison is about the engine's speed;
+* ``memory-bound``: ``--kv-slots`` token slots (16K by default), so memory limits how many
+  requests run at once: the paper's setting, where paging wins by batching more (Fig. 13).
+
+For each run: output tokens/s, requests/s, mean running batch, mean KV utilisation (share of the
+KV space holding token states), preemptions, where the host time goes (schedule, execute,
+postprocess), and the run's *roofline*: per step, the larger of (weights + the K/V the step reads)
+over the GPU's copy bandwidth and the step's matmul FLOPs over its measured bf16 matmul rate,
+summed over the steps; ``roofline_fraction`` = roofline time / measured time.
+
+    python -m minipaged.experiments.throughput --out DIR [--quick]
+
+Writes DIR/throughput.csv and DIR/throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minipaged.engine import LLM, SamplingParams
+from minipaged.experiments.kernel_bench import copy_bandwidth
+from minipaged.workloads import sample_lengths
+
+SYSTEMS = ("paged", "contiguous-max", "contiguous-pow2", "contiguous-oracle")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompt_lens: list[int]
+    output_lens: list[int]
+
+
+def workloads(quick: bool, seed: int = 0) -> list[Workload]:
+    """256 x (128 prompt + 128 output), and 512 ShareGPT-like requests (prompt <= 1024, total <= 2048)."""
+    n_uniform, n_sharegpt = (16, 24) if quick else (256, 512)
+    prompts, outputs = sample_lengths("sharegpt", n_sharegpt, np.random.default_rng(seed), 2048)
+    prompts = np.minimum(prompts, 1024)
+    return [
+        Workload(f"{n_uniform}x(128+128)", [128] * n_uniform, [128] * n_uniform),
+        Workload(f"{n_sharegpt} ShareGPT-like", prompts.tolist(), outputs.tolist()),
+    ]
+
+
+def make_model(name: str, device: torch.device):
+    """SmolLM2-135M with its real weights, or a random-weight model of Llama-3.2-1B's shape (bf16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minipaged.model import load_model
+
+    if name == "smollm2-135m":
+        load_model("smollm2-135m", device=device, dtype=torch.bfloat16)  # fills the local cache
+        from minipaged.model.loader import builtin_directory
+
+        return LlamaForCausalLM.from_pretrained(builtin_directory("smollm2-135m"), dtype=torch.bfloat16).to(device)
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True, rope_theta=500000.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+
+
+def matmul_tflops(device: torch.device) -> float:
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    seconds = triton.testing.do_bench(lambda: a @ a, return_mode="median") / 1e3
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def run_minipaged(hf_model, system: str, work: Workload, kv_slots: int | None, max_num_seqs: int) -> dict:
+    kv_cache, _, reservation = system.partition("-")
+    block_size = 16
+    llm = LLM(hf_model, kv_cache, reservation=reservation or "max", block_size=block_size,
+              num_blocks=None if kv_slots is None else kv_slots // block_size, max_num_seqs=max_num_seqs,
+              max_model_len=2048, max_num_batched_tokens=8192)
+    vocab = hf_model.config.vocab_size
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, vocab, p).tolist() for p in work.prompt_lens]
+    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in work.output_lens]
+    llm.generate(prompts[: min(4, len(prompts))], params[:4], use_tqdm=False)  # warm-up: Triton compiles
+    torch.cuda.synchronize()
+    llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.stats
+    util = stats.kv_utilization
+    phases = stats.time_breakdown()
+    row = dict(system=f"minipaged {system}", tokens_per_s=stats.output_tokens_per_second,
+               requests_per_s=stats.requests_per_second, mean_batch=stats.mean_running,
+               kv_utilization=float(np.mean(util)) if util else float("nan"), preemptions=stats.num_preemptions,
+               seconds=stats.elapsed, kv_slots=llm.cache.capacity,
+               **{f"host_{k}_s": v for k, v in phases.items()})
+    row["_steps"] = stats.steps
+    del llm
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_hf_continuous(hf_model, work: Workload) -> dict:
+    """transformers' continuous batching, one request per prompt with its own output length."""
+    from transformers import GenerationConfig
+
+    vocab = hf_model.config.vocab_size
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, vocab, p).tolist() for p in work.prompt_lens]
+    config = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1,
+                              pad_token_id=0)
+    hf_model.generation_config = config
+    manager = hf_model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        start = time.perf_counter()
+        for i, (p, o) in enumerate(zip(prompts, work.output_lens)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=o)
+        done, tokens = 0, 0
+        while done < len(prompts):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("transformers' continuous batching stopped answering")
+            if result.is_finished():
+                done += 1
+                tokens += len(result.generated_tokens)
+        elapsed = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    return dict(system="transformers generate_batch", tokens_per_s=tokens / elapsed,
+                requests_per_s=len(prompts) / elapsed, seconds=elapsed)
+
+
+def run_hf_static(hf_model, work: Workload, batch: int = 64) -> dict:
+    """Static batching: batches of 64, left-padded, each run until its longest output is done."""
+    vocab = hf_model.config.vocab_size
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, vocab, p).tolist() for p in work.prompt_lens]
+    tokens = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        chunk, outs = prompts[first:first + batch], work.output_lens[first:first + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=hf_model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=hf_model.device)
+        hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        tokens += sum(outs)  # the padding tokens past a request's own length do not count
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return dict(system="transformers generate (static, batch 64)", tokens_per_s=tokens / elapsed,
+                requests_per_s=len(prompts) / elapsed, seconds=elapsed)
+
+
+def roofline_seconds(steps, hf_model, bandwidth_tbs: float, tflops: float) -> float:
+    """Sum over steps of max(bytes / bandwidth, FLOPs / matmul rate)."""
+    config = hf_model.config
+    params = sum(p.numel() for p in hf_model.parameters())
+    weight_bytes = 2 * params
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    total = 0.0
+    for step in steps:
+        memory = (weight_bytes + kv_token_bytes * step.num_cached_tokens) / (bandwidth_tbs * 1e12)
+        compute = 2 * params * step.num_batched_tokens / (tflops * 1e12)
+        total += max(memory, compute)
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="a few requests per workload (a smoke run)")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-1b-shape"],
+                        choices=["smollm2-135m", "llama-1b-shape"])
+    parser.add_argument("--kv-slots", type=int, default=16384, help="token slots of the memory-bound runs")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' baselines")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this experiment measures GPU throughput: it needs a CUDA GPU")
+    if args.kv_slots < 2048:
+        parser.error(f"--kv-slots must be >= 2048 (one request of the longest length), got {args.kv_slots}")
+    device = torch.device("cuda")
+    bandwidth, tflops = copy_bandwidth(device, None, 1 << 30), matmul_tflops(device)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: copy {bandwidth:.2f} TB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    rows = []
+    for model_name in args.models:
+        hf_model = make_model(model_name, device)
+        for work in workloads(args.quick):
+            runs = [(system, None) for system in ("paged",)] + [(system, args.kv_slots) for system in SYSTEMS]
+            for system, kv_slots in runs:
+                row = run_minipaged(hf_model, system, work, kv_slots, args.max_num_seqs)
+                steps = row.pop("_steps")
+                row["roofline_fraction"] = roofline_seconds(steps, hf_model, bandwidth, tflops) / row["seconds"]
+                row["budget"] = "large" if kv_slots is None else "memory-bound"
+                rows.append(dict(model=model_name, workload=work.name, **row))
+                print(rows[-1])
+            if not args.no_hf:
+                for baseline in (run_hf_continuous, run_hf_static):
+                    try:
+                        row = baseline(hf_model, work)
+                    except Exception as e:  # a peer's API that changed: say so, keep the run going
+                        row = dict(system=baseline.__name__, error=f"{type(e).__name__}: {e}"[:200])
+                    rows.append(dict(model=model_name, workload=work.name, budget="large", **row))
+                    print(rows[-1])
+        del hf_model
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with (args.out / "throughput.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["gpu", *columns])
+        writer.writeheader()
+        writer.writerows({"gpu": gpu, **row} for row in rows)
+
+
+if __name__ == "__main__":
+    main()
