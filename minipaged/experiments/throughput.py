@@ -36,6 +36,10 @@ from minipaged.engine import LLM, SamplingParams
 from minipaged.experiments.kernel_bench import copy_bandwidth
 from minipaged.workloads import sample_lengths
 
+# Llama-3.2-1B's shape: 16 layers, 2048 hidden, 32 query / 8 KV heads of dimension 64.
+LLAMA_1B_SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
 SYSTEMS = ("paged", "contiguous-max", "contiguous-pow2", "contiguous-oracle")
 
 
@@ -61,18 +65,13 @@ def make_model(name: str, device: torch.device):
     """SmolLM2-135M with its real weights, or a random-weight model of Llama-3.2-1B's shape (bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minipaged.model import load_model
+    from minipaged.model import random_model
+    from minipaged.model.loader import cached_builtin
 
     if name == "smollm2-135m":
-        load_model("smollm2-135m", device=device, dtype=torch.bfloat16)  # fills the local cache
-        from minipaged.model.loader import builtin_directory
-
-        return LlamaForCausalLM.from_pretrained(builtin_directory("smollm2-135m"), dtype=torch.bfloat16).to(device)
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rope_theta=500000.0)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+        directory = cached_builtin("smollm2-135m")  # dequantized once, then read from the local cache
+        return LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
+    return random_model(LlamaConfig(**LLAMA_1B_SHAPE), device=device, dtype=torch.bfloat16)[1]
 
 
 def matmul_tflops(device: torch.device) -> float:
@@ -177,6 +176,25 @@ def roofline_seconds(steps, hf_model, bandwidth_tbs: float, tflops: float) -> fl
     return total
 
 
+def plot(rows: list[dict], path: Path, gpu: str) -> None:
+    """One panel per (model, workload): output tokens/s of each system, large and memory-bound budgets."""
+    from minipaged.experiments.plotting import plt, save
+
+    panels = list(dict.fromkeys((r["model"], r["workload"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (model, workload) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["model"], r["workload"]) == (model, workload) and "tokens_per_s" in r]
+        labels = [f"{r['system'].removeprefix('minipaged ')}\n({r['budget']})" for r in mine]
+        colors = ["tab:blue" if r["system"].startswith("minipaged paged") else
+                  "tab:orange" if r["system"].startswith("minipaged") else "tab:gray" for r in mine]
+        ax.barh(labels, [r["tokens_per_s"] for r in mine], color=colors)
+        ax.invert_yaxis()
+        ax.set(xscale="log", xlabel="output tokens / s", title=f"{model}\n{workload}")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"Serving throughput, {gpu}", fontsize=10)
+    save(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -223,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=["gpu", *columns])
         writer.writeheader()
         writer.writerows({"gpu": gpu, **row} for row in rows)
+    plot(rows, args.out / "throughput.png", gpu)
 
 
 if __name__ == "__main__":
