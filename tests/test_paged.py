@@ -122,13 +122,13 @@ def test_prefix_hash_only_for_full_blocks_with_hashed_predecessors():
     cache = make(16, 4, enable_prefix_caching=True)
     cache.allocate(0, 6, token_ids=[1, 2, 3, 4, 5, 6])
     b0, b1 = cache.block_table(0)
-    assert b0 in cache.allocator.block_hash and b1 not in cache.allocator.block_hash
+    assert b0 in cache.prefix_cache.block_hash and b1 not in cache.prefix_cache.block_hash
     cache.append_slots(0, 2, token_ids=[7, 8])  # block 1 becomes full, its predecessor is hashed
-    assert b1 in cache.allocator.block_hash
+    assert b1 in cache.prefix_cache.block_hash
     # A sequence whose tokens are unknown ends its chain: later full blocks get no hash.
     cache.allocate(1, 3, token_ids=[9, 9, 9])
     cache.append_slots(1)  # no token ids
-    assert cache.block_table(1)[0] not in cache.allocator.block_hash
+    assert cache.block_table(1)[0] not in cache.prefix_cache.block_hash
 
 
 def test_identical_prefixes_share_cached_blocks():
@@ -175,7 +175,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     cache = make(4, 2, enable_prefix_caching=True)
     cache.allocate(0, 4, token_ids=[1, 2, 3, 4])  # blocks 0 (hash A), 1 (hash AB)
     cache.free(0)  # released last-first: evictable order [1, 0]
-    assert cache.num_free_blocks == 4 and list(cache.allocator.evictable) == [1, 0]
+    assert cache.num_free_blocks == 4 and list(cache.prefix_cache.evictable) == [1, 0]
     # A hit takes the cached block back (count 0 -> 1) instead of new memory.
     assert cache.allocate(1, 3, token_ids=[1, 2, 9]) == 2
     assert cache.block_table(1) == [0, 2]
@@ -183,7 +183,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     # Needing all four blocks: the free list first, then the least recently freed cached block.
     cache.allocate(2, 7)
     assert cache.block_table(2) == [3, 2, 1, 0]
-    assert cache.allocator.cached == {}
+    assert cache.prefix_cache.cached == {}
 
 
 # -- swapping --------------------------------------------------------------------------------
@@ -217,23 +217,23 @@ def test_swap_keeps_prefix_cache_entries_and_lru_order():
     cache = make(8, 2, num_cpu_blocks=8, enable_prefix_caching=True)
     cache.allocate(0, 5, token_ids=[1, 2, 3, 4, 5])  # blocks 0, 1 hashed; block 2 partial
     cache.swap_out([0])
-    assert list(cache.allocator.evictable) == [1, 0]  # released last-first, as by free
+    assert list(cache.prefix_cache.evictable) == [1, 0]  # released last-first, as by free
     cache.allocate(1, 6)  # uses the free list first: the cached blocks survive
     cache.swap_in([0])
     table = cache.block_table(0)
     assert all(b not in (0, 1) for b in table)
     # Blocks 0 and 1 still hold those hashes, so the swapped-in copies are not registered twice...
-    assert sorted(cache.allocator.block_hash) == [0, 1]
+    assert sorted(cache.prefix_cache.block_hash) == [0, 1]
     cache.free(1)
     cache.free(0)
     # ...but when the old copies were evicted meanwhile, the swapped-in blocks are registered again.
     cache.allocate(3, 5, token_ids=[1, 2, 3, 4, 5])
     cache.swap_out([3])
     cache.allocate(5, 16)  # needs every block: evicts the cached copies
-    assert cache.allocator.cached == {}
+    assert cache.prefix_cache.cached == {}
     cache.free(5)
     cache.swap_in([3])
-    assert set(cache.allocator.block_hash) == set(cache.block_table(3)[:2])
+    assert set(cache.prefix_cache.block_hash) == set(cache.block_table(3)[:2])
     assert cache.allocate(4, 5, token_ids=[1, 2, 3, 4, 9]) == 4
 
 
