@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minipaged.kv import KVCacheFull, MemoryBreakdown, PagedKVCache
+from minipaged.kv import BlockAllocator, KVCacheFull, MemoryBreakdown, PagedKVCache, PrefixCache
+from minipaged.kv.block_allocator import blocks_needed
 from tests.kv_helpers import snapshot
 
 
@@ -184,6 +185,55 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     cache.allocate(2, 7)
     assert cache.block_table(2) == [3, 2, 1, 0]
     assert cache.prefix_cache.cached == {}
+
+
+# -- the block allocator and the prefix cache on their own -------------------------------------
+def test_blocks_needed_rounds_up():
+    assert [blocks_needed(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+def test_block_allocator_free_list_and_reference_counts():
+    allocator = BlockAllocator(3, PrefixCache(4, enabled=False))
+    assert [allocator.allocate() for _ in range(2)] == [0, 1]  # free-list order
+    allocator.share(1)
+    assert allocator.ref_counts == [1, 2, 0] and allocator.num_shared == 1 and allocator.num_free == 1
+    allocator.release(1)
+    allocator.release(1)
+    allocator.release(0)
+    assert allocator.num_shared == 0 and list(allocator.free_list) == [2, 1, 0]  # freed blocks queue at the back
+
+
+def test_prefix_cache_keeps_retired_blocks_evictable_lru():
+    prefix_cache = PrefixCache(2)
+    allocator = BlockAllocator(4, prefix_cache)
+    table = [allocator.allocate() for _ in range(3)]
+    prefix_cache.add(7, [1, 2, 3, 4, 5], table)  # two full blocks hashed, the third is partial
+    assert sorted(prefix_cache.block_hash) == [0, 1]
+    for block in reversed(table):
+        allocator.release(block)
+    assert list(prefix_cache.evictable) == [1, 0] and list(allocator.free_list) == [3, 2]
+    assert prefix_cache.lookup([1, 2, 3, 4, 9], 5) == [0, 1] and prefix_cache.lookup([1, 2, 3, 4], 4) == [0]
+    assert allocator.num_free == 4 and allocator.num_free_besides([0, 1]) == 2
+    allocator.share(0)  # a hit revives block 0
+    assert list(prefix_cache.evictable) == [1]
+    assert [allocator.allocate() for _ in range(3)] == [3, 2, 1]  # the free list first, then eviction
+    assert prefix_cache.lookup([1, 2, 3, 4, 9], 5) == [0] and 1 not in prefix_cache.block_hash
+
+
+def test_disabled_prefix_cache_finds_and_remembers_nothing():
+    prefix_cache = PrefixCache(2, enabled=False)
+    prefix_cache.add(0, [1, 2, 3, 4], [0, 1])
+    assert prefix_cache.lookup([1, 2, 3, 4], 4) == [] and prefix_cache.cached == {} and prefix_cache.seq_tokens == {}
+
+
+def test_block_tables_are_the_device_pools_tables():
+    cache = make(8, 4, num_cpu_blocks=8)
+    cache.allocate(0, 5)
+    assert cache.block_tables is cache.pool.tables and cache.pool.tables == {0: [0, 1]}
+    cache.swap_out([0])  # the table moves to the CPU pool's tables
+    assert cache.block_tables == {} and cache.cpu_pool.tables == {0: [0, 1]}
+    cache.swap_in([0])
+    assert cache.block_tables == {0: [2, 3]} and cache.cpu_pool.tables == {}
 
 
 # -- swapping --------------------------------------------------------------------------------
