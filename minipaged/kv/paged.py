@@ -22,7 +22,8 @@ Two more mechanisms:
   (pinned memory when the cache is on CUDA) and come back later, into any free GPU blocks.
 * *prefix caching* (§4.4's shared prefix, made automatic as in vLLM; ``minipaged.kv.prefix_cache``):
   a new prompt whose leading full blocks hold the same tokens as cached blocks reuses them
-  (reference count + 1) instead of taking new memory.
+  (reference count + 1) instead of taking new memory. Its caller must write the K/V of the
+  tokens it allocated beyond those in the same step (that module says why).
 """
 
 from __future__ import annotations
