@@ -12,12 +12,12 @@ def snapshot(cache: KVCache) -> tuple:
         pools = []
         for pool in (cache.pool, cache.cpu_pool):
             a = pool.allocator
-            pools.append((
-                {s: list(t) for s, t in pool.tables.items()}, list(a.ref_counts), list(a.free_list),
-                list(a.evictable), dict(a.cached), dict(a.block_hash), a.num_shared,
-            ))
-        hashes = {s: list(h) for s, h in cache._hashes.items()}
-        return common + (*pools, {s: list(t) for s, t in cache._token_ids.items()}, hashes)
+            pools.append(({s: list(t) for s, t in pool.tables.items()}, list(a.ref_counts), list(a.free_list),
+                          a.num_shared))
+        p = cache.prefix_cache
+        prefix = (list(p.evictable), dict(p.cached), dict(p.block_hash),
+                  {s: list(t) for s, t in p.seq_tokens.items()}, {s: list(h) for s, h in p.seq_hashes.items()})
+        return common + (*pools, *prefix)
     assert isinstance(cache, ContiguousKVCache)
     swapped = {s: size for s, (size, _) in cache._swap_space.items()}
     return common + (dict(cache.slabs), cache.buddy.free_blocks(), dict(cache.buddy.live), swapped)

@@ -148,7 +148,7 @@ class CacheMachine(RuleBasedStateMachine):
                 a = pool.allocator
                 assert all(a.ref_counts[b] == held.get(b, 0) for b in range(a.num_blocks))
                 assert a.num_shared == sum(count > 1 for count in a.ref_counts)
-                unused = sorted(list(a.free_list) + list(a.evictable))
+                unused = sorted(list(a.free_list) + list(a.prefix_cache.evictable))
                 assert unused == sorted(b for b in range(a.num_blocks) if b not in held)
             for seq_id in self.live():
                 n = len(self.tokens[seq_id])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minipaged.kv import KVCacheFull, MemoryBreakdown, PagedKVCache
+from minipaged.kv import BlockAllocator, KVCacheFull, MemoryBreakdown, PagedKVCache, PrefixCache
+from minipaged.kv.block_allocator import blocks_needed
 from tests.kv_helpers import snapshot
 
 
@@ -122,13 +123,13 @@ def test_prefix_hash_only_for_full_blocks_with_hashed_predecessors():
     cache = make(16, 4, enable_prefix_caching=True)
     cache.allocate(0, 6, token_ids=[1, 2, 3, 4, 5, 6])
     b0, b1 = cache.block_table(0)
-    assert b0 in cache.allocator.block_hash and b1 not in cache.allocator.block_hash
+    assert b0 in cache.prefix_cache.block_hash and b1 not in cache.prefix_cache.block_hash
     cache.append_slots(0, 2, token_ids=[7, 8])  # block 1 becomes full, its predecessor is hashed
-    assert b1 in cache.allocator.block_hash
+    assert b1 in cache.prefix_cache.block_hash
     # A sequence whose tokens are unknown ends its chain: later full blocks get no hash.
     cache.allocate(1, 3, token_ids=[9, 9, 9])
     cache.append_slots(1)  # no token ids
-    assert cache.block_table(1)[0] not in cache.allocator.block_hash
+    assert cache.block_table(1)[0] not in cache.prefix_cache.block_hash
 
 
 def test_identical_prefixes_share_cached_blocks():
@@ -175,7 +176,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     cache = make(4, 2, enable_prefix_caching=True)
     cache.allocate(0, 4, token_ids=[1, 2, 3, 4])  # blocks 0 (hash A), 1 (hash AB)
     cache.free(0)  # released last-first: evictable order [1, 0]
-    assert cache.num_free_blocks == 4 and list(cache.allocator.evictable) == [1, 0]
+    assert cache.num_free_blocks == 4 and list(cache.prefix_cache.evictable) == [1, 0]
     # A hit takes the cached block back (count 0 -> 1) instead of new memory.
     assert cache.allocate(1, 3, token_ids=[1, 2, 9]) == 2
     assert cache.block_table(1) == [0, 2]
@@ -183,7 +184,56 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     # Needing all four blocks: the free list first, then the least recently freed cached block.
     cache.allocate(2, 7)
     assert cache.block_table(2) == [3, 2, 1, 0]
-    assert cache.allocator.cached == {}
+    assert cache.prefix_cache.cached == {}
+
+
+# -- the block allocator and the prefix cache on their own -------------------------------------
+def test_blocks_needed_rounds_up():
+    assert [blocks_needed(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+def test_block_allocator_free_list_and_reference_counts():
+    allocator = BlockAllocator(3, PrefixCache(4, enabled=False))
+    assert [allocator.allocate() for _ in range(2)] == [0, 1]  # free-list order
+    allocator.share(1)
+    assert allocator.ref_counts == [1, 2, 0] and allocator.num_shared == 1 and allocator.num_free == 1
+    allocator.release(1)
+    allocator.release(1)
+    allocator.release(0)
+    assert allocator.num_shared == 0 and list(allocator.free_list) == [2, 1, 0]  # freed blocks queue at the back
+
+
+def test_prefix_cache_keeps_retired_blocks_evictable_lru():
+    prefix_cache = PrefixCache(2)
+    allocator = BlockAllocator(4, prefix_cache)
+    table = [allocator.allocate() for _ in range(3)]
+    prefix_cache.add(7, [1, 2, 3, 4, 5], table)  # two full blocks hashed, the third is partial
+    assert sorted(prefix_cache.block_hash) == [0, 1]
+    for block in reversed(table):
+        allocator.release(block)
+    assert list(prefix_cache.evictable) == [1, 0] and list(allocator.free_list) == [3, 2]
+    assert prefix_cache.lookup([1, 2, 3, 4, 9], 5) == [0, 1] and prefix_cache.lookup([1, 2, 3, 4], 4) == [0]
+    assert allocator.num_free == 4 and allocator.num_free_besides([0, 1]) == 2
+    allocator.share(0)  # a hit revives block 0
+    assert list(prefix_cache.evictable) == [1]
+    assert [allocator.allocate() for _ in range(3)] == [3, 2, 1]  # the free list first, then eviction
+    assert prefix_cache.lookup([1, 2, 3, 4, 9], 5) == [0] and 1 not in prefix_cache.block_hash
+
+
+def test_disabled_prefix_cache_finds_and_remembers_nothing():
+    prefix_cache = PrefixCache(2, enabled=False)
+    prefix_cache.add(0, [1, 2, 3, 4], [0, 1])
+    assert prefix_cache.lookup([1, 2, 3, 4], 4) == [] and prefix_cache.cached == {} and prefix_cache.seq_tokens == {}
+
+
+def test_block_tables_are_the_device_pools_tables():
+    cache = make(8, 4, num_cpu_blocks=8)
+    cache.allocate(0, 5)
+    assert cache.block_tables is cache.pool.tables and cache.pool.tables == {0: [0, 1]}
+    cache.swap_out([0])  # the table moves to the CPU pool's tables
+    assert cache.block_tables == {} and cache.cpu_pool.tables == {0: [0, 1]}
+    cache.swap_in([0])
+    assert cache.block_tables == {0: [2, 3]} and cache.cpu_pool.tables == {}
 
 
 # -- swapping --------------------------------------------------------------------------------
@@ -217,23 +267,23 @@ def test_swap_keeps_prefix_cache_entries_and_lru_order():
     cache = make(8, 2, num_cpu_blocks=8, enable_prefix_caching=True)
     cache.allocate(0, 5, token_ids=[1, 2, 3, 4, 5])  # blocks 0, 1 hashed; block 2 partial
     cache.swap_out([0])
-    assert list(cache.allocator.evictable) == [1, 0]  # released last-first, as by free
+    assert list(cache.prefix_cache.evictable) == [1, 0]  # released last-first, as by free
     cache.allocate(1, 6)  # uses the free list first: the cached blocks survive
     cache.swap_in([0])
     table = cache.block_table(0)
     assert all(b not in (0, 1) for b in table)
     # Blocks 0 and 1 still hold those hashes, so the swapped-in copies are not registered twice...
-    assert sorted(cache.allocator.block_hash) == [0, 1]
+    assert sorted(cache.prefix_cache.block_hash) == [0, 1]
     cache.free(1)
     cache.free(0)
     # ...but when the old copies were evicted meanwhile, the swapped-in blocks are registered again.
     cache.allocate(3, 5, token_ids=[1, 2, 3, 4, 5])
     cache.swap_out([3])
     cache.allocate(5, 16)  # needs every block: evicts the cached copies
-    assert cache.allocator.cached == {}
+    assert cache.prefix_cache.cached == {}
     cache.free(5)
     cache.swap_in([3])
-    assert set(cache.allocator.block_hash) == set(cache.block_table(3)[:2])
+    assert set(cache.prefix_cache.block_hash) == set(cache.block_table(3)[:2])
     assert cache.allocate(4, 5, token_ids=[1, 2, 3, 4, 9]) == 4
 
 

@@ -2,9 +2,11 @@
 
 from minipaged.kv.accounting import MemoryBreakdown
 from minipaged.kv.base import KVCache, KVCacheFull
+from minipaged.kv.block_allocator import BlockAllocator
 from minipaged.kv.buddy import BuddyAllocator
 from minipaged.kv.contiguous import ContiguousKVCache
-from minipaged.kv.paged import BlockAllocator, PagedKVCache
+from minipaged.kv.paged import PagedKVCache
+from minipaged.kv.prefix_cache import PrefixCache
 
 __all__ = [
     "BlockAllocator",
@@ -14,4 +16,5 @@ __all__ = [
     "KVCacheFull",
     "MemoryBreakdown",
     "PagedKVCache",
+    "PrefixCache",
 ]

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 
 def next_power_of_two(n: int) -> int:
-    """The smallest power of two >= n (n >= 1)."""
-    if n < 1:
-        raise ValueError(f"next_power_of_two needs n >= 1, got {n}")
+    """The smallest power of two >= n (n >= 1: callers have checked their sizes)."""
+    assert n >= 1, n
     return 1 << (n - 1).bit_length()
 
 

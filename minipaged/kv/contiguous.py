@@ -122,7 +122,8 @@ class ContiguousKVCache(KVCache):
 
     def free(self, seq_id: int) -> None:
         if seq_id in self._swapped:
-            del self._swapped[seq_id], self._swap_space[seq_id]
+            del self._swapped[seq_id]
+            del self._swap_space[seq_id]
         else:
             self._check_live(seq_id)
             self.buddy.free(*self.slabs.pop(seq_id))
@@ -138,7 +139,7 @@ class ContiguousKVCache(KVCache):
         n, child_start = self._num_tokens[parent_id], self.slabs[child_id][0]
         for cache in self.k_caches + self.v_caches:
             cache[child_start:child_start + n] = cache[start:start + n]
-        self._num_tokens[child_id], self._final_len[child_id] = n, self._final_len[parent_id]
+        self._num_tokens[child_id], self._final_len[child_id] = self._num_tokens[parent_id], self._final_len[parent_id]
 
     # -- swapping --------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> None:
@@ -186,9 +187,8 @@ class ContiguousKVCache(KVCache):
 
     def _extents(self) -> list[Extent]:
         extents = []
-        for seq_id, (_, size) in self.slabs.items():
-            final = self._final_len[seq_id] or size
-            extents.append(Extent(size, self._num_tokens[seq_id], min(final, size)))
+        for seq_id, (_, slots) in self.slabs.items():
+            extents.append(Extent(slots, self._num_tokens[seq_id], min(self._final_len[seq_id] or slots, slots)))
         return extents
 
     def _free_slots(self, next_request: tuple[int, int | None] | None) -> tuple[int, int]:

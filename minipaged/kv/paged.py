@@ -4,6 +4,8 @@ The KV space is cut into fixed-size *blocks* of ``block_size`` token slots (§4.
 owns a *block table*: the list of physical blocks holding its logical blocks 0, 1, 2, ... in
 order, so a sequence's K/V need not be contiguous and a block is allocated only when the
 previous one is full (§4.2). At most ``block_size - 1`` slots per sequence are ever wasted.
+Blocks come from a free list (``minipaged.kv.block_allocator``) where the contiguous cache's
+slabs come from a buddy allocator.
 
 Blocks carry *reference counts*, which make sharing cheap (§4.4):
 
@@ -18,103 +20,23 @@ Two more mechanisms:
 
 * *swapping* (§4.5): when GPU blocks run out, whole sequences can move to a pool of CPU blocks
   (pinned memory when the cache is on CUDA) and come back later, into any free GPU blocks.
-* *prefix caching* (§4.4's shared prefix, made automatic as in vLLM): a full block gets a
-  content hash that chains its tokens with its predecessor's hash, so identical prefixes have
-  identical hash chains. A new prompt whose leading blocks hash to cached blocks reuses them
-  (reference count + 1) instead of taking new memory. A cached block whose count drops to zero
-  keeps its content and hash and stays reusable until a new allocation needs its memory; those
-  blocks are evicted least-recently-freed first.
-
-  As in vLLM, a full block is entered into the prefix cache when its slots are allocated, on
-  the promise that the same step writes its K/V: a caller must write the tokens it allocated
-  (from the returned number of cached tokens on) before it frees the sequence or allocates
-  another one with the same prefix.
+* *prefix caching* (§4.4's shared prefix, made automatic as in vLLM; ``minipaged.kv.prefix_cache``):
+  a new prompt whose leading full blocks hold the same tokens as cached blocks reuses them
+  (reference count + 1) instead of taking new memory. Its caller must write the K/V of the
+  tokens it allocated beyond those in the same step (that module says why).
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter
 
 import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent
 from minipaged.kv.base import KVCache, KVCacheFull, check_positive
-
-
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
-class BlockAllocator:
-    """Physical blocks: a free list, reference counts and (optionally) a content-hash cache."""
-
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = False) -> None:
-        self.num_blocks = num_blocks
-        self.enable_prefix_caching = enable_prefix_caching
-        self.free_list: deque[int] = deque(range(num_blocks))
-        self.ref_counts = [0] * num_blocks
-        self.cached: dict[bytes, int] = {}  # content hash -> block holding that content
-        self.block_hash: dict[int, bytes] = {}  # block -> its content hash (cached blocks only)
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with count 0, LRU first
-        self.num_shared = 0  # blocks with a count > 1
-
-    @property
-    def num_free(self) -> int:
-        """Blocks a new allocation can take: never used, or cached but unreferenced."""
-        return len(self.free_list) + len(self.evictable)
-
-    def allocate(self) -> int:
-        """A block for new content (count 1); evicts the least recently freed cached block if needed."""
-        if self.free_list:
-            block = self.free_list.popleft()
-        elif self.evictable:
-            block, _ = self.evictable.popitem(last=False)
-            del self.cached[self.block_hash.pop(block)]
-        else:
-            raise KVCacheFull("no free block")
-        self.ref_counts[block] = 1
-        return block
-
-    def lookup(self, content_hash: bytes) -> int | None:
-        return self.cached.get(content_hash) if self.enable_prefix_caching else None
-
-    def share(self, block: int) -> None:
-        """One more reference to ``block`` (a fork, or a prefix-cache hit)."""
-        if self.ref_counts[block] == 0:
-            del self.evictable[block]
-        self.ref_counts[block] += 1
-        self.num_shared += self.ref_counts[block] == 2
-
-    def release(self, block: int) -> None:
-        """One reference fewer; at zero the block is free (or evictable, if it is cached)."""
-        self.ref_counts[block] -= 1
-        self.num_shared -= self.ref_counts[block] == 1
-        if self.ref_counts[block] == 0:
-            if block in self.block_hash:
-                self.evictable[block] = None
-            else:
-                self.free_list.append(block)
-
-    def register(self, block: int, content_hash: bytes) -> None:
-        """Make a full block findable by its content hash (the first block with a hash keeps it)."""
-        if self.enable_prefix_caching and content_hash not in self.cached:
-            self.cached[content_hash] = block
-            self.block_hash[block] = content_hash
-
-
-@dataclass
-class BlockPool:
-    """Blocks on one device: their allocator, their per-layer tensors, the tables pointing into them."""
-
-    allocator: BlockAllocator
-    k_caches: list[torch.Tensor]
-    v_caches: list[torch.Tensor]
-    tables: dict[int, list[int]]
-    name: str
+from minipaged.kv.block_allocator import BlockAllocator, BlockPool, blocks_needed
+from minipaged.kv.prefix_cache import PrefixCache
 
 
 class PagedKVCache(KVCache):
@@ -142,19 +64,16 @@ class PagedKVCache(KVCache):
             raise ValueError(f"num_cpu_blocks must be an integer >= 0, got {num_cpu_blocks!r}")
         super().__init__((num_blocks, block_size), num_layers, num_kv_heads, head_dim, dtype, device, max_seq_len)
         self.num_blocks, self._block_size = num_blocks, block_size
-        self.allocator = BlockAllocator(num_blocks, enable_prefix_caching)
-        self.block_tables: dict[int, list[int]] = {}  # live sequence -> GPU blocks
-        # Prefix caching: the tokens of each sequence and the hash chain of its full blocks.
-        self._token_ids: dict[int, list[int]] = {}
-        self._hashes: dict[int, list[bytes]] = {}
-        # Swap space: CPU blocks with their own reference counts.
+        self.prefix_cache = PrefixCache(block_size, enable_prefix_caching)
+        self.allocator = BlockAllocator(num_blocks, self.prefix_cache)
+        self.pool = BlockPool(self.allocator, self.k_caches, self.v_caches, "the KV cache")
+        # Swap space: CPU blocks with their own reference counts (and no prefix cache).
         pin = self.device.type == "cuda"
         cpu_shape = (num_cpu_blocks, block_size, num_kv_heads, head_dim)
-        self.cpu_k_caches = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
-        self.cpu_v_caches = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
-        self.pool = BlockPool(self.allocator, self.k_caches, self.v_caches, self.block_tables, "the KV cache")
-        self.cpu_pool = BlockPool(BlockAllocator(num_cpu_blocks), self.cpu_k_caches, self.cpu_v_caches, {},
-                                  "the CPU swap space")
+        cpu_k_caches = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
+        cpu_v_caches = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
+        cpu_allocator = BlockAllocator(num_cpu_blocks, PrefixCache(block_size, enabled=False))
+        self.cpu_pool = BlockPool(cpu_allocator, cpu_k_caches, cpu_v_caches, "the CPU swap space")
 
     @property
     def block_size(self) -> int:
@@ -165,74 +84,45 @@ class PagedKVCache(KVCache):
         return self.num_blocks * self.block_size
 
     @property
-    def num_free_blocks(self) -> int:
-        return self.allocator.num_free
+    def block_tables(self) -> dict[int, list[int]]:
+        """Live sequence -> its blocks: the device pool's tables (a swapped-out table is in the CPU pool's)."""
+        return self.pool.tables
 
     def block_table(self, seq_id: int) -> list[int]:
+        """Physical blocks of a live sequence, logical block 0 first."""
         self._check_live(seq_id)
         return list(self.block_tables[seq_id])
 
-    # -- prefix hashing --------------------------------------------------------------------
-    def _chain_hashes(self, token_ids: list[int], previous: list[bytes]) -> list[bytes]:
-        """Hashes of the full blocks of ``token_ids`` after the ``len(previous)`` already hashed.
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
 
-        Each hash covers the block's tokens and its predecessor's hash, so it names the whole
-        prefix up to the block's end. A 128-bit BLAKE2 digest makes a collision (which would
-        hand a prompt another prompt's K/V) practically impossible.
-        """
-        hashes = list(previous)
-        bs = self.block_size
-        for i in range(len(previous), len(token_ids) // bs):
-            parent = hashes[-1] if hashes else b""
-            tokens = array("q", token_ids[i * bs:(i + 1) * bs]).tobytes()
-            hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
-        return hashes[len(previous):]
-
-    def _prefix_hits(self, token_ids: list[int] | None, num_tokens: int) -> tuple[list[bytes], list[int]]:
-        """(hash chain of the prompt's full blocks, cached blocks holding its leading ones)."""
-        if token_ids is None or not self.allocator.enable_prefix_caching:
-            return [], []
-        hashes = self._chain_hashes(token_ids, [])
-        hits: list[int] = []
-        for content_hash in hashes:
-            block = self.allocator.lookup(content_hash)
-            if block is None:
-                break
-            hits.append(block)
-        # At least one prompt token must still be computed (it yields the next token's logits).
-        if len(hits) * self.block_size == num_tokens:
-            hits.pop()
-        return hashes, hits
-
-    # -- allocate / append / free ----------------------------------------------------------
-    def _plan(
-        self, num_tokens: int, final_len: int | None, token_ids: list[int] | None
-    ) -> tuple[list[bytes], list[int], int]:
-        """(hash chain, prefix-cache hits, free blocks available besides the hits)."""
+    def prompt_blocks(self, num_tokens: int, final_len: int | None, token_ids: list[int] | None = None) -> int:
+        """How many blocks a prompt needs (and checks it can ever fit); its output gets blocks as it grows."""
         self._check_request(num_tokens, final_len, token_ids)
-        total = blocks_needed(num_tokens, self.block_size)
-        if total > self.num_blocks:
+        needed = blocks_needed(num_tokens, self.block_size)
+        if needed > self.num_blocks:
             raise ValueError(
-                f"a prompt of {num_tokens} tokens needs {total} blocks of {self.block_size} slots, "
+                f"a prompt of {num_tokens} tokens needs {needed} blocks of {self.block_size} slots, "
                 f"but the cache only has {self.num_blocks} blocks"
             )
-        hashes, hits = self._prefix_hits(token_ids, num_tokens)
-        # Cached blocks being reused stop counting as free once they are referenced again.
-        available = self.allocator.num_free - sum(self.allocator.ref_counts[b] == 0 for b in hits)
-        return hashes, hits, available
+        return needed
 
+    # -- allocate / append / free ----------------------------------------------------------
     def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        _, hits, available = self._plan(num_tokens, final_len, token_ids)
-        return blocks_needed(num_tokens, self.block_size) - len(hits) <= available
+        needed = self.prompt_blocks(num_tokens, final_len, token_ids)
+        hits = self.prefix_cache.lookup(token_ids, num_tokens)
+        return needed - len(hits) <= self.allocator.num_free_besides(hits)
 
     def allocate(
         self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None
     ) -> int:
-        """Blocks for a prompt of ``num_tokens``; returns how many of its tokens the prefix cache
-        already holds (their K/V need not be computed or written again)."""
+        """Blocks for the prompt only; returns how many of its tokens the prefix cache already
+        holds (their K/V need not be computed or written again)."""
         self._check_new(seq_id)
-        hashes, hits, available = self._plan(num_tokens, final_len, token_ids)
-        new_blocks = blocks_needed(num_tokens, self.block_size) - len(hits)
+        needed = self.prompt_blocks(num_tokens, final_len, token_ids)
+        hits = self.prefix_cache.lookup(token_ids, num_tokens)
+        new_blocks, available = needed - len(hits), self.allocator.num_free_besides(hits)
         if new_blocks > available:
             raise KVCacheFull(
                 f"a prompt of {num_tokens} tokens needs {new_blocks} new blocks besides the {len(hits)} "
@@ -240,24 +130,10 @@ class PagedKVCache(KVCache):
             )
         for block in hits:
             self.allocator.share(block)
-        table = hits + [self.allocator.allocate() for _ in range(new_blocks)]
-        for block, content_hash in zip(table, hashes):
-            self.allocator.register(block, content_hash)
-        self.block_tables[seq_id] = table
+        self.block_tables[seq_id] = hits + [self.allocator.allocate() for _ in range(new_blocks)]
+        self.prefix_cache.add(seq_id, token_ids, self.block_tables[seq_id])
         self._num_tokens[seq_id], self._final_len[seq_id] = num_tokens, final_len
-        if token_ids is not None and self.allocator.enable_prefix_caching:
-            self._token_ids[seq_id], self._hashes[seq_id] = list(token_ids), hashes
         return len(hits) * self.block_size
-
-    def _needs_copy_on_write(self, seq_id: int) -> bool:
-        """Is the last block shared and partly filled, so that the next append must copy it?"""
-        table, n = self.block_tables[seq_id], self._num_tokens[seq_id]
-        return n % self.block_size != 0 and self.allocator.ref_counts[table[-1]] > 1
-
-    def _blocks_to_append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
-        new_len = self._check_growth(seq_id, num_tokens, token_ids)
-        grow = blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
-        return grow + self._needs_copy_on_write(seq_id)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         return self._blocks_to_append(seq_id, num_tokens) <= self.num_free_blocks
@@ -265,10 +141,10 @@ class PagedKVCache(KVCache):
     def append_slots(
         self, seq_id: int, num_tokens: int = 1, token_ids: list[int] | None = None
     ) -> list[tuple[int, int]]:
-        """Make room for ``num_tokens`` more tokens; returns the copy-on-write ``(src, dst)`` copies made.
+        """A new block only when the last one is full; copy-on-write first if the last one is shared.
 
-        Raises KVCacheFull (nothing changed) when there are not enough free blocks: the
-        scheduler then preempts a sequence.
+        Returns the copy-on-write ``(src, dst)`` block copies made. Raises KVCacheFull (nothing
+        changed) when there are not enough free blocks: the scheduler then preempts a sequence.
         """
         needed = self._blocks_to_append(seq_id, num_tokens, token_ids)
         if needed > self.num_free_blocks:
@@ -283,41 +159,29 @@ class PagedKVCache(KVCache):
             ops.copy_blocks(self.k_caches, self.v_caches, torch.tensor(copies, dtype=torch.int64, device=self.device))
         self._num_tokens[seq_id] += num_tokens
         table.extend(self.allocator.allocate() for _ in range(needed - len(copies)))
-        self._extend_hash_chain(seq_id, token_ids)
+        self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
-    def _extend_hash_chain(self, seq_id: int, token_ids: list[int] | None) -> None:
-        """Hash the blocks that appending filled (only while the whole chain is known)."""
-        if seq_id not in self._token_ids:
-            return
-        if token_ids is None:  # tokens unknown from here on: the chain ends
-            del self._token_ids[seq_id], self._hashes[seq_id]
-            return
-        tokens, hashes = self._token_ids[seq_id], self._hashes[seq_id]
-        tokens.extend(token_ids)
-        new = self._chain_hashes(tokens, hashes)
-        for block, content_hash in zip(self.block_tables[seq_id][len(hashes):], new):
-            self.allocator.register(block, content_hash)
-        hashes.extend(new)
+    def _blocks_to_append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
+        new_len = self._check_growth(seq_id, num_tokens, token_ids)
+        grow = blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
+        return grow + self._needs_copy_on_write(seq_id)
+
+    def _needs_copy_on_write(self, seq_id: int) -> bool:
+        """Is the last block shared and partly filled, so that the next append must copy it?"""
+        table, n = self.block_tables[seq_id], self._num_tokens[seq_id]
+        return n % self.block_size != 0 and self.allocator.ref_counts[table[-1]] > 1
 
     def free(self, seq_id: int) -> None:
-        """Drop a sequence (live or swapped out), releasing one reference to each of its blocks.
-
-        Blocks are released last-first, so that among a prompt's cached blocks the tail is
-        evicted before the head, which other prompts are more likely to share.
-        """
         if seq_id in self._swapped:
-            pool = self.cpu_pool
             del self._swapped[seq_id]
+            self.cpu_pool.free(seq_id)
         else:
             self._check_live(seq_id)
-            pool = self.pool
+            self.pool.free(seq_id)
             del self._num_tokens[seq_id]
-        for block in reversed(pool.tables.pop(seq_id)):
-            pool.allocator.release(block)
         del self._final_len[seq_id]
-        self._token_ids.pop(seq_id, None)
-        self._hashes.pop(seq_id, None)
+        self.prefix_cache.forget(seq_id)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (reference counts + 1); nothing is copied."""
@@ -327,13 +191,10 @@ class PagedKVCache(KVCache):
         for block in table:
             self.allocator.share(block)
         self.block_tables[child_id] = list(table)
-        self._num_tokens[child_id] = self._num_tokens[parent_id]
-        self._final_len[child_id] = self._final_len[parent_id]
-        if parent_id in self._token_ids:
-            self._token_ids[child_id] = list(self._token_ids[parent_id])
-            self._hashes[child_id] = list(self._hashes[parent_id])
+        self._num_tokens[child_id], self._final_len[child_id] = self._num_tokens[parent_id], self._final_len[parent_id]
+        self.prefix_cache.fork(parent_id, child_id)
 
-    # -- swapping (§4.5) -------------------------------------------------------------------
+    # -- swapping --------------------------------------------------------------------------
     def swap_out(self, seq_ids: list[int]) -> None:
         """Move sequences (e.g. a whole sequence group) to CPU blocks.
 
@@ -353,8 +214,7 @@ class PagedKVCache(KVCache):
         self._move(seq_ids, self.cpu_pool, self.pool)
         for seq_id in seq_ids:
             self._num_tokens[seq_id] = self._swapped.pop(seq_id)
-            for block, content_hash in zip(self.block_tables[seq_id], self._hashes.get(seq_id, [])):
-                self.allocator.register(block, content_hash)
+            self.prefix_cache.register(seq_id, self.block_tables[seq_id])
 
     def _move(self, seq_ids: list[int], src: BlockPool, dst: BlockPool) -> None:
         # Each distinct block moves once and keeps one reference per sequence of the group holding it.
@@ -371,10 +231,8 @@ class PagedKVCache(KVCache):
             ops.swap_blocks(src.k_caches[layer], dst.k_caches[layer], pairs)
             ops.swap_blocks(src.v_caches[layer], dst.v_caches[layer], pairs)
         for seq_id in seq_ids:
-            table = src.tables.pop(seq_id)
-            dst.tables[seq_id] = [mapping[block] for block in table]
-            for block in reversed(table):
-                src.allocator.release(block)
+            dst.tables[seq_id] = [mapping[block] for block in src.tables[seq_id]]
+            src.free(seq_id)
 
     # -- addressing and accounting ---------------------------------------------------------
     def _slots(self, seq_id: int, positions: range) -> list[int]:
@@ -389,15 +247,17 @@ class PagedKVCache(KVCache):
         return torch.tensor(padded, dtype=torch.int32, device=self.device), None
 
     def _extents(self) -> list[Extent]:
+        if self.allocator.num_shared:
+            return self._block_extents()
+        extents = []  # nothing shared (the common case): one extent per sequence, O(sequences) per call
+        for seq_id, table in self.block_tables.items():
+            slots = len(table) * self.block_size
+            extents.append(Extent(slots, self._num_tokens[seq_id], min(self._final_len[seq_id] or slots, slots)))
+        return extents
+
+    def _block_extents(self) -> list[Extent]:
+        """One extent per physical block, so that a shared block counts once (its fill is the same for all holders)."""
         bs = self.block_size
-        if self.allocator.num_shared == 0:
-            # Nothing shared (the common case): one extent per sequence, O(sequences) per call.
-            extents = []
-            for seq_id, table in self.block_tables.items():
-                slots = len(table) * bs
-                extents.append(Extent(slots, self._num_tokens[seq_id], min(self._final_len[seq_id] or slots, slots)))
-            return extents
-        # One extent per physical block; a shared block's fill is the same for all its holders.
         per_block: dict[int, Extent] = {}
         for seq_id, table in self.block_tables.items():
             n = self._num_tokens[seq_id]
