@@ -402,3 +402,15 @@ def test_fork_copy_on_write_and_swap_on_cuda():
         for seq_id in (0, 1):
             got_k, got_v = cache.read(seq_id, layer)
             assert torch.equal(got_k[:6], k) and torch.equal(got_v[:6], v)
+
+
+def test_the_watermark_keeps_blocks_free_for_growth_not_for_new_prompts():
+    cache = PagedKVCache(10, 4, max_seq_len=64, watermark=0.2)  # 2 blocks kept free at admission
+    assert cache.can_allocate(32) and cache.allocate(0, 32) == 0  # 8 blocks: exactly what admission may take
+    assert not cache.can_allocate(1)  # 2 free blocks, both kept by the watermark
+    cache.append_slots(0, 8)  # ...which a running sequence may grow into
+    assert cache.num_free_blocks == 0
+    with pytest.raises(ValueError, match="2 of them kept free by the watermark"):
+        cache.can_allocate(33)  # 9 blocks: more than admission can ever give
+    with pytest.raises(ValueError, match="watermark"):
+        PagedKVCache(10, 4, watermark=1.0)

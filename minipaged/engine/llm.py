@@ -221,9 +221,11 @@ class LLM:
     ``model``: a built-in name (``"smollm2-135m"``), a local directory, or a loaded transformers
     Llama model. ``num_blocks`` fixes the KV space (the contiguous arena gets the same number of
     token slots); by default it takes ``gpu_memory_fraction`` of the GPU's free memory (at most
-    what ``max_num_seqs`` sequences of ``max_model_len`` tokens need), or 1024 blocks on a CPU.
-    ``num_cpu_blocks`` is the swap space for ``preemption_mode="swap"``. ``enforce_eager``
-    turns CUDA graphs off.
+    what ``max_num_seqs`` sequences of ``max_model_len`` tokens need), or on a CPU enough for one
+    sequence of ``max_model_len`` tokens (at least 256 blocks). ``num_cpu_blocks`` is the swap
+    space for ``preemption_mode="swap"``. The paged cache admits a prompt only while
+    ``watermark`` of its blocks stay free for running sequences to grow into (vLLM's 1%).
+    ``enforce_eager`` turns CUDA graphs off.
     """
 
     def __init__(
@@ -243,6 +245,7 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         max_model_len: int | None = None,
         gpu_memory_fraction: float = 0.5,
+        watermark: float = 0.01,
         enforce_eager: bool = False,
     ) -> None:
         from minipaged.model import load_model
@@ -276,7 +279,7 @@ class LLM:
         cache: KVCache
         if kv_cache == "paged":
             cache = PagedKVCache(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-                                 num_cpu_blocks=num_cpu_blocks, **shape)
+                                 num_cpu_blocks=num_cpu_blocks, watermark=watermark, **shape)
         else:
             cache = ContiguousKVCache(num_blocks * block_size, reservation, **shape)
         runner = ModelRunner(self.model, cache, max_num_seqs=max_num_seqs,
@@ -293,7 +296,7 @@ class LLM:
         config = self.model.config
         needed = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this are never used
         if device.type != "cuda":
-            return min(1024, needed)
+            return min(max(256, -(-max_model_len // block_size)), needed)
         block_bytes = 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, min(int(free * fraction) // block_bytes, needed))

@@ -55,6 +55,7 @@ class PagedKVCache(KVCache):
         max_seq_len: int = 2048,
         enable_prefix_caching: bool = False,
         num_cpu_blocks: int = 0,
+        watermark: float = 0.0,
     ) -> None:
         check_positive("num_blocks", num_blocks)
         check_positive("block_size", block_size)
@@ -62,8 +63,13 @@ class PagedKVCache(KVCache):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         if not isinstance(num_cpu_blocks, int) or num_cpu_blocks < 0:
             raise ValueError(f"num_cpu_blocks must be an integer >= 0, got {num_cpu_blocks!r}")
+        if not (isinstance(watermark, (int, float)) and 0 <= watermark < 1):
+            raise ValueError(f"watermark must be a fraction in [0, 1), got {watermark!r}")
         super().__init__((num_blocks, block_size), num_layers, num_kv_heads, head_dim, dtype, device, max_seq_len)
         self.num_blocks, self._block_size = num_blocks, block_size
+        # Admission leaves this many blocks free, so that running sequences can grow into them
+        # without being preempted right away (vLLM's block manager); appends may use them.
+        self.watermark_blocks = int(watermark * num_blocks)
         self.prefix_cache = PrefixCache(block_size, enable_prefix_caching)
         self.allocator = BlockAllocator(num_blocks, self.prefix_cache)
         self.pool = BlockPool(self.allocator, self.k_caches, self.v_caches, "the KV cache")
@@ -101,10 +107,11 @@ class PagedKVCache(KVCache):
         """How many blocks a prompt needs (and checks it can ever fit); its output gets blocks as it grows."""
         self._check_request(num_tokens, final_len, token_ids)
         needed = blocks_needed(num_tokens, self.block_size)
-        if needed > self.num_blocks:
+        if needed > self.num_blocks - self.watermark_blocks:
+            kept = f", {self.watermark_blocks} of them kept free by the watermark" if self.watermark_blocks else ""
             raise ValueError(
                 f"a prompt of {num_tokens} tokens needs {needed} blocks of {self.block_size} slots, "
-                f"but the cache only has {self.num_blocks} blocks"
+                f"but the cache only has {self.num_blocks} blocks{kept}"
             )
         return needed
 
@@ -112,7 +119,7 @@ class PagedKVCache(KVCache):
     def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
         needed = self.prompt_blocks(num_tokens, final_len, token_ids)
         hits = self.prefix_cache.lookup(token_ids, num_tokens)
-        return needed - len(hits) <= self.allocator.num_free_besides(hits)
+        return needed - len(hits) <= self.allocator.num_free_besides(hits) - self.watermark_blocks
 
     def allocate(
         self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None
@@ -122,11 +129,11 @@ class PagedKVCache(KVCache):
         self._check_new(seq_id)
         needed = self.prompt_blocks(num_tokens, final_len, token_ids)
         hits = self.prefix_cache.lookup(token_ids, num_tokens)
-        new_blocks, available = needed - len(hits), self.allocator.num_free_besides(hits)
+        new_blocks, available = needed - len(hits), self.allocator.num_free_besides(hits) - self.watermark_blocks
         if new_blocks > available:
             raise KVCacheFull(
                 f"a prompt of {num_tokens} tokens needs {new_blocks} new blocks besides the {len(hits)} "
-                f"cached ones it reuses; only {available} are free"
+                f"cached ones it reuses; only {available} are free for new prompts"
             )
         for block in hits:
             self.allocator.share(block)
