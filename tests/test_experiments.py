@@ -12,7 +12,7 @@ import math
 import pytest
 
 from minipaged.experiments import __main__ as run_all
-from minipaged.experiments import batching, block_size, fragmentation, timeline
+from minipaged.experiments import batching, block_size, fragmentation, paper, timeline
 from minipaged.experiments.serve import QUICK, Sizes, make_cache, serve
 from minipaged.kv import ContiguousKVCache, PagedKVCache
 from minipaged.workloads import Request, make_trace
@@ -282,7 +282,7 @@ def test_timeline_times_are_seconds():
 
 def test_paper_constants():
     # Written out from REFERENCE.md (paper Figure 2, Figure 13, Figure 18b).
-    assert fragmentation.PAPER_FIG2 == {
+    assert paper.FIGURE_2 == {
         "contiguous-max": {"token_states": 20.4, "reservation": 13.3, "internal_fragmentation": 57.3,
                            "external_fragmentation": 8.9},
         "contiguous-pow2": {"token_states": 26.8, "reservation": 17.9, "internal_fragmentation": 13.6,
@@ -291,13 +291,13 @@ def test_paper_constants():
                               "external_fragmentation": 36.6},
         "paged": {"token_states": 96.3, "waste": 3.7},
     }
-    assert batching.PAPER_FIG13 == {
+    assert paper.FIGURE_13 == {
         "sharegpt": (2.0, {"contiguous-max": 7.00, "contiguous-pow2": 9.81, "contiguous-oracle": 13.62,
                            "paged": 30.42}),
         "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75,
                           "paged": 132.44}),
     }
-    assert block_size.PAPER_BEST == {"sharegpt": (16, 128), "alpaca": (16, 32)}
+    assert paper.FIGURE_18B_BEST_BLOCK_SIZES == {"sharegpt": (16, 128), "alpaca": (16, 32)}
 
 
 def test_every_experiment_quick(tmp_path):

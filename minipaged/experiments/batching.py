@@ -6,15 +6,13 @@ the more requests run at once, and the higher its throughput (§6.2). Each syste
 requests (same seed: the same lengths at every rate, only spaced differently in time) through
 the serving loop of `minipaged.experiments.serve`, KV space of 15,728 slots as in Figure 2.
 
-How time maps to steps: the model is replaced by a fixed step duration (default 40 ms, one
-decode iteration of OPT-13B on an A100 with a full KV space: 26 GB of weights and 12 GB of KV
-read at ~60% of the 1.55 TB/s peak). Step k happens at k x step_duration seconds, and a request
-arriving at time t joins the queue at the first step at or after t. In reality an iteration's
-duration grows with the batch and with prefills; a fixed duration keeps the model honest about
-memory only. Little's law says what it implies: requests batched = rate x time in the system,
-and a request of L output tokens spends at least L x step_duration seconds there. (A check, not
-a calibration: the paper's vLLM point, 30.42 requests at 2 req/s with 338 output tokens on
-average, implies ~45 ms per token.)
+How time maps to steps: the model is replaced by a fixed step duration (default
+`paper.STEP_DURATION`, one decode iteration of OPT-13B on an A100; how it is derived is written
+there). Step k happens at k x step_duration seconds, and a request arriving at time t joins the
+queue at the first step at or after t. In reality an iteration's duration grows with the batch
+and with prefills; a fixed duration keeps the model honest about memory only. Little's law says
+what it implies: requests batched = rate x time in the system, and a request of L output tokens
+spends at least L x step_duration seconds there.
 
 What is averaged: the number of running requests, with equal weight over every step from the
 first step to the step at which the last request arrives (while traffic is arriving; the drain
@@ -30,11 +28,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minipaged.experiments import paper
 from minipaged.experiments.fragmentation import workload_name
 from minipaged.experiments.plotting import SYSTEM_LABELS, plt, save
 from minipaged.experiments.serve import (
     PAPER_SIZES,
-    STEP_DURATION,
     SYSTEMS,
     Sizes,
     add_common_args,
@@ -49,11 +47,6 @@ from minipaged.experiments.serve import (
 )
 from minipaged.workloads import make_trace
 
-# Paper Figure 13 (OPT-13B, A100-40GB): average number of batched requests at one rate.
-PAPER_FIG13 = {
-    "sharegpt": (2.0, {"contiguous-max": 7.00, "contiguous-pow2": 9.81, "contiguous-oracle": 13.62, "paged": 30.42}),
-    "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75, "paged": 132.44}),
-}
 RATES = {"sharegpt": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "alpaca": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]}
 QUICK_RATES = {"sharegpt": [1.0, 4.0], "alpaca": [15.0, 60.0]}
 
@@ -81,7 +74,7 @@ def run(
     rates: dict[str, list[float]],
     sizes: Sizes = PAPER_SIZES,
     seed: int = 0,
-    step_duration: float = STEP_DURATION,
+    step_duration: float = paper.STEP_DURATION,
     block_size: int = 16,
     jobs: int = 1,
 ) -> list[dict]:
@@ -101,9 +94,9 @@ def plot(rows: list[dict], path: Path) -> None:
             points = [(row["rate"], row["requests_batched"]) for row in rows
                       if row["dataset"] == dataset and row["system"] == system]
             ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"{SYSTEM_LABELS[system]} (ours)")
-            if dataset in PAPER_FIG13:
-                rate, paper = PAPER_FIG13[dataset]
-                ax.plot(rate, paper[system], "*", color=color, markersize=14, markeredgecolor="black",
+            if dataset in paper.FIGURE_13:
+                rate, batched = paper.FIGURE_13[dataset]
+                ax.plot(rate, batched[system], "*", color=color, markersize=14, markeredgecolor="black",
                         label=f"{SYSTEM_LABELS[system]} (paper Fig. 13)")
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("requests batched at once (mean)")
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
     parser.add_argument("--rates", type=positive_float, nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=positive_float, default=STEP_DURATION,
+    parser.add_argument("--step-duration", type=positive_float, default=paper.STEP_DURATION,
                         help="seconds per model step")
     parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
 
-from minipaged.experiments.fragmentation import PAPER_FIG2, workload_name
+from minipaged.experiments import paper
+from minipaged.experiments.fragmentation import workload_name
 from minipaged.experiments.plotting import COLORS, LABELS, plt, save
 from minipaged.experiments.serve import (
     CATEGORIES,
@@ -50,8 +51,6 @@ from minipaged.workloads import make_trace
 BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUICK_BLOCK_SIZES = [4, 16, 64]
 WASTE = ("reservation", "internal_fragmentation", "external_fragmentation")
-# Paper Figure 18b: block sizes with the best end-to-end latency.
-PAPER_BEST = {"sharegpt": (16, 128), "alpaca": (16, 32)}
 
 
 def one_run(workload: str, block_size: int, sizes: Sizes, seed: int) -> dict:
@@ -94,11 +93,11 @@ def plot(rows: list[dict], path: Path) -> None:
                           label=f"{dataset}: {LABELS[name]}")
         batch_ax.plot(block_sizes, [row["requests_batched"] for row in mine], "o" + style, color=f"C{i}",
                       label=dataset)
-        if dataset in PAPER_BEST:
-            low, high = PAPER_BEST[dataset]
+        if dataset in paper.FIGURE_18B_BEST_BLOCK_SIZES:
+            low, high = paper.FIGURE_18B_BEST_BLOCK_SIZES[dataset]
             batch_ax.axvspan(low, high, alpha=0.1, color=f"C{i}",
                              label=f"{dataset}: best latency, paper Fig. 18b ({low}-{high})")
-    waste_ax.plot(16, 100 - PAPER_FIG2["paged"]["token_states"], "*", color="red", markersize=14,
+    waste_ax.plot(16, 100 - paper.FIGURE_2["paged"]["token_states"], "*", color="red", markersize=14,
                   markeredgecolor="black", label="paper Fig. 2: vLLM waste at 16 (ShareGPT)")
     for ax in (waste_ax, batch_ax):
         ax.set_xscale("log", base=2)

@@ -54,6 +54,7 @@ import argparse
 import math
 from pathlib import Path
 
+from minipaged.experiments import paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
 from minipaged.experiments.serve import (
     CATEGORIES,
@@ -72,18 +73,6 @@ from minipaged.experiments.serve import (
     write_csv,
 )
 from minipaged.workloads import make_trace
-
-# Paper Figure 2 (OPT-13B, A100-40GB, ShareGPT): percent of the KV space. For vLLM the paper only
-# gives token states and the total waste of all categories.
-PAPER_FIG2 = {
-    "contiguous-max": {"token_states": 20.4, "reservation": 13.3, "internal_fragmentation": 57.3,
-                       "external_fragmentation": 8.9},
-    "contiguous-pow2": {"token_states": 26.8, "reservation": 17.9, "internal_fragmentation": 13.6,
-                        "external_fragmentation": 41.6},
-    "contiguous-oracle": {"token_states": 38.2, "reservation": 25.2, "internal_fragmentation": 0.0,
-                          "external_fragmentation": 36.6},
-    "paged": {"token_states": 96.3, "waste": 3.7},
-}
 
 
 def workload_name(workload: str) -> str:
@@ -142,7 +131,7 @@ def plot(rows: list[dict], path: Path) -> None:
         paper_label = "paper" if dataset == "sharegpt" else "paper\n(ShareGPT)"
         for i, system in enumerate(SYSTEMS):
             stacked_bar(ax, 3 * i, ours[system], paper=False)
-            stacked_bar(ax, 3 * i + 1, PAPER_FIG2[system], paper=True)
+            stacked_bar(ax, 3 * i + 1, paper.FIGURE_2[system], paper=True)
             ticks += [3 * i, 3 * i + 1]
             labels += [f"{SYSTEM_LABELS[system]}\nours", f"{SYSTEM_LABELS[system]}\n{paper_label}"]
         ax.set_xticks(ticks, labels, fontsize=8)

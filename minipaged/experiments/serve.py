@@ -45,6 +45,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from minipaged.experiments.paper import NUM_KV_SLOTS, STEP_DURATION
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
 from minipaged.workloads import MAX_SEQ_LEN, Request, get_dataset, is_lengths_file, load_lengths
 
@@ -52,13 +53,6 @@ T = TypeVar("T")
 
 SYSTEMS = ("contiguous-max", "contiguous-pow2", "contiguous-oracle", "paged")
 CATEGORIES = tuple(f.name for f in fields(MemoryBreakdown))
-
-# KV space of the paper's setting (§6.1, Figure 2): OPT-13B on an A100-40GB leaves 12 GiB for
-# the KV cache at 800 KiB per token (2 x 5120 x 40 layers x 2 bytes) -> 15,728 token slots.
-PAPER_NUM_SLOTS = 12 * 2**30 // (800 * 2**10)
-# One decode step of OPT-13B on an A100 when the KV space is full: 26 GB of weights plus 12 GB of
-# KV read at the A100-40GB's 1.55 TB/s take 25 ms; at a realistic ~60% of peak bandwidth, 40 ms.
-STEP_DURATION = 0.04
 
 
 def make_cache(system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = 16) -> KVCache:
@@ -193,7 +187,7 @@ class Sizes:
     num_requests=None means `default_requests` requests of a dataset (5 times as many for alpaca,
     whose requests are ~6x shorter), and a replay of every line of a lengths file."""
 
-    kv_slots: int = PAPER_NUM_SLOTS
+    kv_slots: int = NUM_KV_SLOTS
     max_seq_len: int = MAX_SEQ_LEN
     num_requests: int | None = None
     default_requests: int = 1000
@@ -268,7 +262,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="requests per run (default 1000; 5000 for alpaca; a lengths file is replayed "
                              "in order, or with this option that many of its pairs are drawn with replacement)")
     parser.add_argument("--kv-slots", type=positive_int,
-                        help=f"token slots of the KV space (default {PAPER_NUM_SLOTS}: OPT-13B on an A100-40GB)")
+                        help=f"token slots of the KV space (default {NUM_KV_SLOTS}: OPT-13B on an A100-40GB)")
     parser.add_argument("--max-seq-len", type=positive_int,
                         help=f"the model's maximum length (default {MAX_SEQ_LEN})")
 

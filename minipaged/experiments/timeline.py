@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minipaged.experiments.fragmentation import PAPER_FIG2
+from minipaged.experiments import paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
 from minipaged.experiments.serve import (
     CATEGORIES,
     PAPER_SIZES,
-    STEP_DURATION,
     Sizes,
     add_common_args,
     check_workloads,
@@ -76,7 +75,7 @@ def one_run(system: str, requests: list[Request], sizes: Sizes, step_duration: f
 
 
 def run(workload: str, systems: list[str], rate: float, num_requests: int | None, sizes: Sizes = PAPER_SIZES,
-        seed: int = 0, step_duration: float = STEP_DURATION, jobs: int = 1) -> list[dict]:
+        seed: int = 0, step_duration: float = paper.STEP_DURATION, jobs: int = 1) -> list[dict]:
     """One row per (system, bin of steps); every system serves the same trace."""
     requests = make_trace(workload, num_requests, rate, seed, sizes.max_seq_len)
     runs = [(system, requests, sizes, step_duration) for system in systems]
@@ -93,9 +92,9 @@ def plot(rows: list[dict], path: Path) -> None:
         times = [row["time_s"] for row in mine]
         ax.stackplot(times, *([row[name] for row in mine] for name in CATEGORIES),
                      colors=[COLORS[name] for name in CATEGORIES], labels=[LABELS[name] for name in CATEGORIES])
-        paper = PAPER_FIG2[system]["token_states"]
-        ax.axhline(paper, color="black", linestyle="--", linewidth=1, label="paper Fig. 2: token states")
-        ax.text(times[-1], paper, f" paper {paper}%", va="bottom", ha="right", fontsize=8)
+        paper_token_states = paper.FIGURE_2[system]["token_states"]
+        ax.axhline(paper_token_states, color="black", linestyle="--", linewidth=1, label="paper Fig. 2: token states")
+        ax.text(times[-1], paper_token_states, f" paper {paper_token_states}%", va="bottom", ha="right", fontsize=8)
         queue_ax = ax.twinx()
         queue_ax.plot(times, [row["waiting"] for row in mine], color="black", linewidth=1, label="waiting requests")
         queue_ax.set_ylim(0, 1.05 * most_waiting + 1)
@@ -121,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="sharegpt", help="sharegpt, alpaca, or a .csv/.json file of lengths")
     parser.add_argument("--reservation", choices=["max", "pow2", "oracle"], default="pow2",
                         help="reservation policy of the contiguous cache")
-    parser.add_argument("--rate", type=positive_float, default=2.0, help="requests per second")
-    parser.add_argument("--step-duration", type=positive_float, default=STEP_DURATION,
+    parser.add_argument("--rate", type=positive_float, default=paper.FIGURE_13["sharegpt"][0],
+                        help="requests per second (default: Figure 13's ShareGPT rate)")
+    parser.add_argument("--step-duration", type=positive_float, default=paper.STEP_DURATION,
                         help="seconds per model step")
     args = parser.parse_args(argv)
     sizes = sizes_from_args(args)
