@@ -13,7 +13,8 @@ import pytest
 
 from minipaged.experiments import __main__ as run_all
 from minipaged.experiments import batching, block_size, fragmentation, paper, timeline
-from minipaged.experiments.serve import QUICK, Sizes, make_cache, serve
+from minipaged.experiments.cli import QUICK, Sizes
+from minipaged.experiments.serve import make_cache, serve
 from minipaged.kv import ContiguousKVCache, PagedKVCache
 from minipaged.workloads import Request, make_trace
 

@@ -13,20 +13,16 @@ Each writes its CSV and PNG into --out (see each module's docstring for what is 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from tqdm import tqdm
 
-from minipaged.experiments import batching, block_size, fragmentation, timeline
-from minipaged.experiments.serve import add_common_args
+from minipaged.experiments import batching, block_size, cli, fragmentation, timeline
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.parse_args(argv)  # check the options here; every experiment takes the same ones
+    cli.new_parser(__doc__).parse_args(argv)  # check the options here; every experiment takes the same ones
     experiments = [
         (fragmentation.main, ["--dataset", "sharegpt", "alpaca"]),
         (batching.main, []),

@@ -25,40 +25,25 @@ Writes DIR/batching.csv (dataset, rate, system, requests_batched, ...) and DIR/b
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from minipaged.experiments import paper
-from minipaged.experiments.fragmentation import workload_name
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import SYSTEM_LABELS, plt, save
-from minipaged.experiments.serve import (
-    PAPER_SIZES,
-    SYSTEMS,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    positive_float,
-    positive_int,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import SYSTEMS, make_cache, serve
 from minipaged.workloads import make_trace
 
 RATES = {"sharegpt": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "alpaca": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]}
 QUICK_RATES = {"sharegpt": [1.0, 4.0], "alpaca": [15.0, 60.0]}
 
 
-def one_run(workload: str, rate: float, system: str, sizes: Sizes, seed: int, step_duration: float,
+def one_run(workload: str, rate: float, system: str, sizes: cli.Sizes, seed: int, step_duration: float,
             block_size: int) -> dict:
     """The mean number of running requests while traffic arrives, as a CSV row."""
     requests = make_trace(workload, sizes.requests_for(workload), rate, seed, sizes.max_seq_len)
     cache = make_cache(system, sizes.kv_slots, sizes.max_seq_len, block_size)
     result = serve(cache, requests, step_duration, measure_memory=False, stop_at_last_arrival=True)
     return {
-        "dataset": workload_name(workload),
+        "dataset": cli.workload_name(workload),
         "rate": rate,
         "system": system,
         "requests_batched": round(float(result.num_running.mean()), 2),
@@ -72,7 +57,7 @@ def one_run(workload: str, rate: float, system: str, sizes: Sizes, seed: int, st
 def run(
     workloads: list[str],
     rates: dict[str, list[float]],
-    sizes: Sizes = PAPER_SIZES,
+    sizes: cli.Sizes = cli.PAPER_SIZES,
     seed: int = 0,
     step_duration: float = paper.STEP_DURATION,
     block_size: int = 16,
@@ -81,7 +66,7 @@ def run(
     """One row per (workload, rate, system). `rates` maps each workload to its request rates."""
     runs = [(w, rate, system, sizes, seed, step_duration, block_size)
             for w in workloads for rate in rates[w] for system in SYSTEMS]
-    return map_runs(one_run, runs, jobs, "batching")
+    return cli.map_runs(one_run, runs, jobs, "batching")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -110,26 +95,22 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", nargs="+", default=["sharegpt", "alpaca"],
-                        help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
-    parser.add_argument("--rates", type=positive_float, nargs="+",
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
+    parser.add_argument("--rates", type=cli.positive_float, nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=positive_float, default=paper.STEP_DURATION,
+    parser.add_argument("--step-duration", type=cli.positive_float, default=paper.STEP_DURATION,
                         help="seconds per model step")
-    parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, args.dataset, sizes)
+    parser.add_argument("--block-size", type=cli.positive_int, default=16, help="block size of the paged cache")
+    args = cli.parse(parser, argv)
     defaults = QUICK_RATES if args.quick else RATES
     rates = {w: args.rates or defaults.get(w) for w in args.dataset}
     missing = [w for w, r in rates.items() if not r]
     if missing:
         parser.error(f"--rates is needed for {', '.join(missing)} (defaults exist for {', '.join(RATES)})")
-    rows = run(args.dataset, rates, sizes, args.seed, args.step_duration, args.block_size, args.jobs)
+    rows = run(args.dataset, rates, args.sizes, args.seed, args.step_duration, args.block_size, args.jobs)
     out = Path(args.out)
-    write_csv(out / "batching.csv", rows)
+    cli.write_csv(out / "batching.csv", rows)
     plot(rows, out / "batching.png")
 
 

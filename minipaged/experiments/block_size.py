@@ -23,29 +23,14 @@ Writes DIR/block_size.csv and DIR/block_size.png.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
 
-from minipaged.experiments import paper
-from minipaged.experiments.fragmentation import workload_name
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import COLORS, LABELS, plt, save
-from minipaged.experiments.serve import (
-    CATEGORIES,
-    PAPER_SIZES,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    note_unbounded,
-    positive_int,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import CATEGORIES, make_cache, serve
 from minipaged.workloads import make_trace
 
 BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -53,14 +38,14 @@ QUICK_BLOCK_SIZES = [4, 16, 64]
 WASTE = ("reservation", "internal_fragmentation", "external_fragmentation")
 
 
-def one_run(workload: str, block_size: int, sizes: Sizes, seed: int) -> dict:
+def one_run(workload: str, block_size: int, sizes: cli.Sizes, seed: int) -> dict:
     """The paged cache's averaged breakdown at one block size, as a CSV row."""
     requests = make_trace(workload, sizes.requests_for(workload), math.inf, seed, sizes.max_seq_len)
     result = serve(make_cache("paged", sizes.kv_slots, sizes.max_seq_len, block_size), requests)
     steps = result.memory_bound
     shares = result.average_percentages(steps)
     return {
-        "dataset": workload_name(workload),
+        "dataset": cli.workload_name(workload),
         "block_size": block_size,
         **{name: round(shares[name], 2) for name in CATEGORIES},
         "waste": round(sum(shares[name] for name in WASTE), 2),
@@ -71,11 +56,11 @@ def one_run(workload: str, block_size: int, sizes: Sizes, seed: int) -> dict:
     }
 
 
-def run(workloads: list[str], block_sizes: list[int], sizes: Sizes = PAPER_SIZES, seed: int = 0,
+def run(workloads: list[str], block_sizes: list[int], sizes: cli.Sizes = cli.PAPER_SIZES, seed: int = 0,
         jobs: int = 1) -> list[dict]:
     """One row per (workload, block size)."""
     runs = [(w, block_size, sizes, seed) for w in workloads for block_size in block_sizes]
-    return map_runs(one_run, runs, jobs, "block size")
+    return cli.map_runs(one_run, runs, jobs, "block size")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -118,20 +103,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", nargs="+", default=["sharegpt", "alpaca"],
-                        help="sharegpt, alpaca, or .csv/.json files of lengths")
-    parser.add_argument("--block-sizes", type=positive_int, nargs="+",
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
+    parser.add_argument("--block-sizes", type=cli.positive_int, nargs="+",
                         help=f"block sizes, best powers of two (default {BLOCK_SIZES})")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, args.dataset, sizes)
+    args = cli.parse(parser, argv)
     block_sizes = args.block_sizes or (QUICK_BLOCK_SIZES if args.quick else BLOCK_SIZES)
-    rows = run(args.dataset, block_sizes, sizes, args.seed, args.jobs)
-    note_unbounded(rows, "block size")
+    rows = run(args.dataset, block_sizes, args.sizes, args.seed, args.jobs)
+    cli.note_unbounded(rows, "block size")
     out = Path(args.out)
-    write_csv(out / "block_size.csv", rows)
+    cli.write_csv(out / "block_size.csv", rows)
     plot(rows, out / "block_size.png")
 
 

@@ -50,37 +50,16 @@ DIR/fragmentation.png (our stacked bars beside the paper's Figure 2 bars).
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
-from minipaged.experiments import paper
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
-from minipaged.experiments.serve import (
-    CATEGORIES,
-    PAPER_SIZES,
-    SYSTEMS,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    note_unbounded,
-    positive_float,
-    positive_int,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import CATEGORIES, SYSTEMS, make_cache, serve
 from minipaged.workloads import make_trace
 
 
-def workload_name(workload: str) -> str:
-    """A dataset's name, or the stem of a lengths file."""
-    return Path(workload).stem
-
-
-def one_run(workload: str, system: str, sizes: Sizes, seed: int, rate: float, block_size: int) -> dict:
+def one_run(workload: str, system: str, sizes: cli.Sizes, seed: int, rate: float, block_size: int) -> dict:
     """The averaged breakdown of one system over memory-bound steps, as a CSV row."""
     requests = make_trace(workload, sizes.requests_for(workload), rate, seed, sizes.max_seq_len)
     result = serve(make_cache(system, sizes.kv_slots, sizes.max_seq_len, block_size), requests)
@@ -94,15 +73,15 @@ def one_run(workload: str, system: str, sizes: Sizes, seed: int, rate: float, bl
         "memory_bound_steps": int(steps.sum()),
         "steps": len(steps),
         "requests": len(requests),
-        "dataset": workload_name(workload),
+        "dataset": cli.workload_name(workload),
     }
 
 
-def run(workloads: list[str], sizes: Sizes = PAPER_SIZES, seed: int = 0, rate: float = math.inf,
+def run(workloads: list[str], sizes: cli.Sizes = cli.PAPER_SIZES, seed: int = 0, rate: float = math.inf,
         block_size: int = 16, jobs: int = 1) -> list[dict]:
     """One row per (workload, system)."""
     runs = [(w, system, sizes, seed, rate, block_size) for w in workloads for system in SYSTEMS]
-    return map_runs(one_run, runs, jobs, "fragmentation")
+    return cli.map_runs(one_run, runs, jobs, "fragmentation")
 
 
 def stacked_bar(ax: plt.Axes, x: float, values: dict[str, float], paper: bool) -> None:
@@ -148,20 +127,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", nargs="+", default=["sharegpt"],
-                        help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
-    parser.add_argument("--rate", type=positive_float, default=math.inf,
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt"], several=True)
+    parser.add_argument("--rate", type=cli.positive_float, default=math.inf,
                         help="requests per second (default inf: all at 0)")
-    parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, args.dataset, sizes)
-    rows = run(args.dataset, sizes, args.seed, args.rate, args.block_size, args.jobs)
-    note_unbounded(rows, "fragmentation")
+    parser.add_argument("--block-size", type=cli.positive_int, default=16, help="block size of the paged cache")
+    args = cli.parse(parser, argv)
+    rows = run(args.dataset, args.sizes, args.seed, args.rate, args.block_size, args.jobs)
+    cli.note_unbounded(rows, "fragmentation")
     out = Path(args.out)
-    write_csv(out / "fragmentation.csv", rows)
+    cli.write_csv(out / "fragmentation.csv", rows)
     plot(rows, out / "fragmentation.png")
 
 

@@ -27,26 +27,13 @@ memory_bound: the share of the bin's steps at which a request waited) and DIR/ti
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from minipaged.experiments import paper
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
-from minipaged.experiments.serve import (
-    CATEGORIES,
-    PAPER_SIZES,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    positive_float,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import CATEGORIES, make_cache, serve
 from minipaged.workloads import Request, is_lengths_file, make_trace
 
 NUM_BINS = 500
@@ -54,7 +41,7 @@ NUM_REQUESTS = 400  # requests of a dataset by default
 QUICK_NUM_REQUESTS = 100
 
 
-def one_run(system: str, requests: list[Request], sizes: Sizes, step_duration: float) -> list[dict]:
+def one_run(system: str, requests: list[Request], sizes: cli.Sizes, step_duration: float) -> list[dict]:
     """One system's breakdown over time, averaged in bins of consecutive steps, as CSV rows."""
     result = serve(make_cache(system, sizes.kv_slots, sizes.max_seq_len), requests, step_duration)
     columns = np.column_stack([100.0 * result.breakdowns / result.capacity, result.num_running,
@@ -74,12 +61,13 @@ def one_run(system: str, requests: list[Request], sizes: Sizes, step_duration: f
     return rows
 
 
-def run(workload: str, systems: list[str], rate: float, num_requests: int | None, sizes: Sizes = PAPER_SIZES,
-        seed: int = 0, step_duration: float = paper.STEP_DURATION, jobs: int = 1) -> list[dict]:
+def run(workload: str, systems: list[str], rate: float, num_requests: int | None,
+        sizes: cli.Sizes = cli.PAPER_SIZES, seed: int = 0, step_duration: float = paper.STEP_DURATION,
+        jobs: int = 1) -> list[dict]:
     """One row per (system, bin of steps); every system serves the same trace."""
     requests = make_trace(workload, num_requests, rate, seed, sizes.max_seq_len)
     runs = [(system, requests, sizes, step_duration) for system in systems]
-    return [row for rows in map_runs(one_run, runs, jobs, "timeline") for row in rows]
+    return [row for rows in cli.map_runs(one_run, runs, jobs, "timeline") for row in rows]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -115,26 +103,24 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", default="sharegpt", help="sharegpt, alpaca, or a .csv/.json file of lengths")
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt"], several=False)
     parser.add_argument("--reservation", choices=["max", "pow2", "oracle"], default="pow2",
                         help="reservation policy of the contiguous cache")
-    parser.add_argument("--rate", type=positive_float, default=paper.FIGURE_13["sharegpt"][0],
+    parser.add_argument("--rate", type=cli.positive_float, default=paper.FIGURE_13["sharegpt"][0],
                         help="requests per second (default: Figure 13's ShareGPT rate)")
-    parser.add_argument("--step-duration", type=positive_float, default=paper.STEP_DURATION,
+    parser.add_argument("--step-duration", type=cli.positive_float, default=paper.STEP_DURATION,
                         help="seconds per model step")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, [args.dataset], sizes)
-    if sizes.num_requests is not None or is_lengths_file(args.dataset):
-        num_requests = sizes.num_requests  # None: replay the lengths file
+    args = cli.parse(parser, argv)
+    [workload] = args.dataset
+    if args.sizes.num_requests is not None or is_lengths_file(workload):
+        num_requests = args.sizes.num_requests  # None: replay the lengths file
     else:
         num_requests = QUICK_NUM_REQUESTS if args.quick else NUM_REQUESTS
-    rows = run(args.dataset, [f"contiguous-{args.reservation}", "paged"], args.rate, num_requests, sizes,
+    rows = run(workload, [f"contiguous-{args.reservation}", "paged"], args.rate, num_requests, args.sizes,
                args.seed, args.step_duration, args.jobs)
     out = Path(args.out)
-    write_csv(out / "timeline.csv", rows)
+    cli.write_csv(out / "timeline.csv", rows)
     plot(rows, out / "timeline.png")
 
 
