@@ -25,6 +25,7 @@ Writes DIR/batching.csv (dataset, rate, system, requests_batched, ...) and DIR/b
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from minipaged.experiments import cli, paper
@@ -60,7 +61,7 @@ def run(
     sizes: cli.Sizes = cli.PAPER_SIZES,
     seed: int = 0,
     step_duration: float = paper.STEP_DURATION,
-    block_size: int = 16,
+    block_size: int = paper.DEFAULT_BLOCK_SIZE,
     jobs: int = 1,
 ) -> list[dict]:
     """One row per (workload, rate, system). `rates` maps each workload to its request rates."""
@@ -94,25 +95,33 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error. args.rates_by_dataset
+    maps each dataset to its rates."""
     parser = cli.new_parser(__doc__)
     cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
-    parser.add_argument("--rates", type=cli.positive_float, nargs="+",
+    parser.add_argument("--rates", type=cli.positive_number(allow_inf=True), nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=cli.positive_float, default=paper.STEP_DURATION,
+    parser.add_argument("--step-duration", type=cli.positive_number(allow_inf=False), default=paper.STEP_DURATION,
                         help="seconds per model step")
-    parser.add_argument("--block-size", type=cli.positive_int, default=16, help="block size of the paged cache")
+    parser.add_argument("--block-size", type=cli.power_of_two, default=paper.DEFAULT_BLOCK_SIZE,
+                        help="block size of the paged cache")
     args = cli.parse(parser, argv)
     defaults = QUICK_RATES if args.quick else RATES
-    rates = {w: args.rates or defaults.get(w) for w in args.dataset}
-    missing = [w for w, r in rates.items() if not r]
+    args.rates_by_dataset = {w: args.rates or defaults.get(w) for w in args.dataset}
+    missing = [w for w, r in args.rates_by_dataset.items() if not r]
     if missing:
         parser.error(f"--rates is needed for {', '.join(missing)} (defaults exist for {', '.join(RATES)})")
-    rows = run(args.dataset, rates, args.sizes, args.seed, args.step_duration, args.block_size, args.jobs)
-    out = Path(args.out)
-    cli.write_csv(out / "batching.csv", rows)
-    plot(rows, out / "batching.png")
+    cli.check_kv_space(parser, args.sizes, SYSTEMS, [args.block_size])
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = run(args.dataset, args.rates_by_dataset, args.sizes, args.seed, args.step_duration, args.block_size,
+               args.jobs)
+    cli.write_csv(args.out / "batching.csv", rows)
+    plot(rows, args.out / "batching.png")
 
 if __name__ == "__main__":
     main()

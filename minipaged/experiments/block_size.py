@@ -23,6 +23,7 @@ Writes DIR/block_size.csv and DIR/block_size.png.
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -102,19 +103,24 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error."""
     parser = cli.new_parser(__doc__)
     cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
-    parser.add_argument("--block-sizes", type=cli.positive_int, nargs="+",
-                        help=f"block sizes, best powers of two (default {BLOCK_SIZES})")
+    parser.add_argument("--block-sizes", type=cli.power_of_two, nargs="+",
+                        help=f"block sizes, powers of two (default {BLOCK_SIZES})")
     args = cli.parse(parser, argv)
-    block_sizes = args.block_sizes or (QUICK_BLOCK_SIZES if args.quick else BLOCK_SIZES)
-    rows = run(args.dataset, block_sizes, args.sizes, args.seed, args.jobs)
-    cli.note_unbounded(rows, "block size")
-    out = Path(args.out)
-    cli.write_csv(out / "block_size.csv", rows)
-    plot(rows, out / "block_size.png")
+    args.block_sizes = args.block_sizes or (QUICK_BLOCK_SIZES if args.quick else BLOCK_SIZES)
+    cli.check_kv_space(parser, args.sizes, ["paged"], args.block_sizes)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = run(args.dataset, args.block_sizes, args.sizes, args.seed, args.jobs)
+    cli.note_unbounded(rows, "block size")
+    cli.write_csv(args.out / "block_size.csv", rows)
+    plot(rows, args.out / "block_size.png")
 
 if __name__ == "__main__":
     main()

@@ -4,15 +4,22 @@ cores, and the CSV each experiment writes.
 
 An experiment builds its parser with `new_parser`, adds `--dataset` with `add_dataset` and its
 own flags, and `python -m minipaged.experiments` hands the common flags on to every experiment.
+
+Bad input stops at the door with argparse's usage error (exit status 2) and a message naming the
+flag, before any run starts: every number is checked by its argparse type, and what depends on
+several flags (a lengths file against --max-seq-len, the KV space against the longest request)
+by `parse` and `check_kv_space`. A worker process never meets bad input, so a traceback from one
+is a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from minipaged.experiments.paper import NUM_KV_SLOTS
+from minipaged.experiments.serve import make_cache
 from minipaged.workloads import MAX_SEQ_LEN, get_dataset, is_lengths_file, load_lengths
 
 T = TypeVar("T")
@@ -62,44 +70,72 @@ PAPER_SIZES = Sizes()
 QUICK = Sizes(kv_slots=4096, default_requests=100)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+def integer(at_least: int) -> Callable[[str], int]:
+    """argparse type: an integer >= at_least."""
+
+    def parse_integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < at_least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {at_least}, got {value}")
+        return value
+
+    return parse_integer
+
+
+def power_of_two(text: str) -> int:
+    """argparse type: a block size, a power of two >= 1 (what the paged cache accepts)."""
+    value = integer(at_least=1)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (inf allowed; NaN, 0 and negatives are not)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def positive_number(allow_inf: bool) -> Callable[[str], float]:
+    """argparse type: a number > 0; NaN, 0 and negatives are refused, and inf unless allow_inf
+    (a rate of inf means every request at time 0; a step of inf seconds means nothing)."""
+
+    def parse_number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or (math.isinf(value) and not allow_inf):
+            raise argparse.ArgumentTypeError(f"must be a {'' if allow_inf else 'finite '}positive number, got {text}")
+        return value
+
+    return parse_number
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a directory that exists or can be made, checked now rather than after the runs."""
+    path = Path(text)
+    existing = next(p for p in [path, *path.parents] if p.exists())  # "." and "/" always exist
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {existing}")
+    return path
 
 
 def new_parser(doc: str) -> argparse.ArgumentParser:
     """A parser described by the first line of a module's docstring, with every common flag."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory for the CSV and PNG files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the request traces")
-    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
+    parser.add_argument("--seed", type=integer(at_least=0), default=0, help="seed of the request traces")
+    parser.add_argument("--jobs", type=integer(at_least=1), default=os.cpu_count() or 1,
                         help="runs in parallel (processes)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small run for tests and a first look ({QUICK.default_requests} requests, "
                              f"{5 * QUICK.default_requests} for alpaca, {QUICK.kv_slots} slots)")
-    parser.add_argument("--num-requests", type=positive_int,
+    parser.add_argument("--num-requests", type=integer(at_least=1),
                         help="requests per run (default 1000; 5000 for alpaca; a lengths file is replayed "
                              "in order, or with this option that many of its pairs are drawn with replacement)")
-    parser.add_argument("--kv-slots", type=positive_int,
+    parser.add_argument("--kv-slots", type=integer(at_least=1),
                         help=f"token slots of the KV space (default {NUM_KV_SLOTS}: OPT-13B on an A100-40GB)")
-    parser.add_argument("--max-seq-len", type=positive_int,
+    parser.add_argument("--max-seq-len", type=integer(at_least=2),  # one prompt and one output token
                         help=f"the model's maximum length (default {MAX_SEQ_LEN})")
     return parser
 
@@ -107,10 +143,9 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
 def add_dataset(parser: argparse.ArgumentParser, default: list[str], several: bool) -> None:
     """The --dataset flag: a synthetic dataset or a file of lengths, one workload or `several`.
     args.dataset is always a list."""
-    what = "sharegpt, alpaca, or .csv/.json files of (prompt, output) lengths" if several else \
-        "sharegpt, alpaca, or a .csv/.json file of (prompt, output) lengths"
+    files = ".csv/.json files" if several else "a .csv/.json file"
     parser.add_argument("--dataset", nargs="+" if several else 1, default=default,
-                        help=f"{what} (default: {' '.join(default)})")
+                        help=f"sharegpt, alpaca, or {files} of (prompt, output) lengths (default: {' '.join(default)})")
 
 
 def workload_name(workload: str) -> str:
@@ -144,6 +179,23 @@ def check_workloads(parser: argparse.ArgumentParser, workloads: list[str], sizes
                 get_dataset(workload)
         except (OSError, ValueError) as e:
             parser.error(f"--dataset {workload}: {e}")
+
+
+def check_kv_space(parser: argparse.ArgumentParser, sizes: Sizes, systems: Iterable[str],
+                   block_sizes: Iterable[int]) -> None:
+    """Stop with a usage error, before any run starts, if a system's empty KV space cannot hold one
+    request of --max-seq-len tokens: a trace may hold one that long, which would then never run.
+    The caches themselves answer, so their rules (blocks, buddy alignment) are not written twice."""
+    for system in systems:
+        for block_size in block_sizes:
+            try:
+                cache = make_cache(system, sizes.kv_slots, sizes.max_seq_len, block_size)
+                # An empty cache refuses a request only with a ValueError (the KVCache contract).
+                assert cache.can_allocate(sizes.max_seq_len, sizes.max_seq_len)
+            except ValueError as e:
+                where = f"the paged cache (block size {block_size})" if system == "paged" else system
+                parser.error(f"--kv-slots {sizes.kv_slots} cannot hold one request of --max-seq-len "
+                             f"{sizes.max_seq_len} tokens in {where}: {e}")
 
 
 def map_runs(function: Callable[..., T], runs: list[tuple], jobs: int, desc: str) -> list[T]:

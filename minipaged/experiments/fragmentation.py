@@ -50,6 +50,7 @@ DIR/fragmentation.png (our stacked bars beside the paper's Figure 2 bars).
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def one_run(workload: str, system: str, sizes: cli.Sizes, seed: int, rate: float
 
 
 def run(workloads: list[str], sizes: cli.Sizes = cli.PAPER_SIZES, seed: int = 0, rate: float = math.inf,
-        block_size: int = 16, jobs: int = 1) -> list[dict]:
+        block_size: int = paper.DEFAULT_BLOCK_SIZE, jobs: int = 1) -> list[dict]:
     """One row per (workload, system)."""
     runs = [(w, system, sizes, seed, rate, block_size) for w in workloads for system in SYSTEMS]
     return cli.map_runs(one_run, runs, jobs, "fragmentation")
@@ -126,18 +127,25 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error."""
     parser = cli.new_parser(__doc__)
     cli.add_dataset(parser, ["sharegpt"], several=True)
-    parser.add_argument("--rate", type=cli.positive_float, default=math.inf,
+    parser.add_argument("--rate", type=cli.positive_number(allow_inf=True), default=math.inf,
                         help="requests per second (default inf: all at 0)")
-    parser.add_argument("--block-size", type=cli.positive_int, default=16, help="block size of the paged cache")
+    parser.add_argument("--block-size", type=cli.power_of_two, default=paper.DEFAULT_BLOCK_SIZE,
+                        help="block size of the paged cache")
     args = cli.parse(parser, argv)
+    cli.check_kv_space(parser, args.sizes, SYSTEMS, [args.block_size])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rows = run(args.dataset, args.sizes, args.seed, args.rate, args.block_size, args.jobs)
     cli.note_unbounded(rows, "fragmentation")
-    out = Path(args.out)
-    cli.write_csv(out / "fragmentation.csv", rows)
-    plot(rows, out / "fragmentation.png")
+    cli.write_csv(args.out / "fragmentation.csv", rows)
+    plot(rows, args.out / "fragmentation.png")
 
 
 if __name__ == "__main__":

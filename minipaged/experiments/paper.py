@@ -35,5 +35,8 @@ FIGURE_13 = {
     "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75, "paged": 132.44}),
 }
 
+# §7.2: vLLM's default block size, which our paged cache uses unless told otherwise.
+DEFAULT_BLOCK_SIZE = 16
+
 # Figure 18b (§7.2): per dataset, the range of block sizes with the best end-to-end latency.
 FIGURE_18B_BEST_BLOCK_SIZES = {"sharegpt": (16, 128), "alpaca": (16, 32)}

@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from minipaged.experiments.paper import STEP_DURATION
+from minipaged.experiments.paper import DEFAULT_BLOCK_SIZE, STEP_DURATION
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
 from minipaged.workloads import MAX_SEQ_LEN, Request
 
@@ -44,7 +44,9 @@ SYSTEMS = ("contiguous-max", "contiguous-pow2", "contiguous-oracle", "paged")
 CATEGORIES = tuple(f.name for f in fields(MemoryBreakdown))
 
 
-def make_cache(system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = 16) -> KVCache:
+def make_cache(
+    system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = DEFAULT_BLOCK_SIZE
+) -> KVCache:
     """A cache of about `num_slots` token slots for one of SYSTEMS (the paged cache gets
     num_slots // block_size blocks)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

@@ -27,6 +27,7 @@ memory_bound: the share of the bin's steps at which a request waited) and DIR/ti
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
 from minipaged.experiments.serve import CATEGORIES, make_cache, serve
+from minipaged.kv.contiguous import RESERVATIONS
 from minipaged.workloads import Request, is_lengths_file, make_trace
 
 NUM_BINS = 500
@@ -102,27 +104,34 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error. args.systems are the
+    two caches compared."""
     parser = cli.new_parser(__doc__)
     cli.add_dataset(parser, ["sharegpt"], several=False)
-    parser.add_argument("--reservation", choices=["max", "pow2", "oracle"], default="pow2",
+    parser.add_argument("--reservation", choices=RESERVATIONS, default="pow2",
                         help="reservation policy of the contiguous cache")
-    parser.add_argument("--rate", type=cli.positive_float, default=paper.FIGURE_13["sharegpt"][0],
+    parser.add_argument("--rate", type=cli.positive_number(allow_inf=True), default=paper.FIGURE_13["sharegpt"][0],
                         help="requests per second (default: Figure 13's ShareGPT rate)")
-    parser.add_argument("--step-duration", type=cli.positive_float, default=paper.STEP_DURATION,
+    parser.add_argument("--step-duration", type=cli.positive_number(allow_inf=False), default=paper.STEP_DURATION,
                         help="seconds per model step")
     args = cli.parse(parser, argv)
+    args.systems = [f"contiguous-{args.reservation}", "paged"]
+    cli.check_kv_space(parser, args.sizes, args.systems, [paper.DEFAULT_BLOCK_SIZE])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     [workload] = args.dataset
     if args.sizes.num_requests is not None or is_lengths_file(workload):
         num_requests = args.sizes.num_requests  # None: replay the lengths file
     else:
         num_requests = QUICK_NUM_REQUESTS if args.quick else NUM_REQUESTS
-    rows = run(workload, [f"contiguous-{args.reservation}", "paged"], args.rate, num_requests, args.sizes,
-               args.seed, args.step_duration, args.jobs)
-    out = Path(args.out)
-    cli.write_csv(out / "timeline.csv", rows)
-    plot(rows, out / "timeline.png")
-
+    rows = run(workload, args.systems, args.rate, num_requests, args.sizes, args.seed, args.step_duration,
+               args.jobs)
+    cli.write_csv(args.out / "timeline.csv", rows)
+    plot(rows, args.out / "timeline.png")
 
 if __name__ == "__main__":
     main()
