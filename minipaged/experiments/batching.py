@@ -1,10 +1,10 @@
 """How many requests each system batches at once, against the request rate: the memory side of
-the paper's Figure 13 (§6.2, OPT-13B: ShareGPT at 2 req/s, Alpaca at 30 req/s).
+the paper's Figure 13 (§6.2, OPT-13B, at the rates of `paper.FIGURE_13`).
 
 A system can only batch the requests whose KV cache it can hold, so the less memory it wastes
 the more requests run at once, and the higher its throughput (§6.2). Each system serves the same
 requests (same seed: the same lengths at every rate, only spaced differently in time) through
-the serving loop of `minipaged.experiments.serve`, KV space of 15,728 slots as in Figure 2.
+the serving loop of `minipaged.experiments.serve`, in Figure 2's KV space (`paper.NUM_KV_SLOTS`).
 
 How time maps to steps: the model is replaced by a fixed step duration (default
 `paper.STEP_DURATION`, one decode iteration of OPT-13B on an A100; how it is derived is written

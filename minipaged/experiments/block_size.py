@@ -4,16 +4,16 @@ Figure 18b (§7.2).
 A small block wastes little (at most block_size - 1 slots per sequence, in its last block) but
 makes the attention kernel read the block table more often; a large block is kind to the kernel
 but brings back internal fragmentation, and fewer requests fit. The paper measures the latency
-side (Figure 18b: block sizes 16 to 128 are best on ShareGPT, 16 to 32 on Alpaca, where
-sequences are short; vLLM's default is 16); this experiment measures the memory side, with the
-allocator itself: the paged cache at block sizes 1, 2, 4, ..., 256 serves the same trace as in
-`minipaged.experiments.fragmentation` (every request at time 0, KV space of 15,728 slots, or
-the largest multiple of the block size below it).
+side (Figure 18b: `paper.FIGURE_18B_BEST_BLOCK_SIZES`, smaller on Alpaca, where sequences are
+short; vLLM's default is `paper.DEFAULT_BLOCK_SIZE`); this experiment measures the memory side,
+with the allocator itself: the paged cache at block sizes 1, 2, 4, ..., 256 serves the same
+trace as in `minipaged.experiments.fragmentation` (every request at time 0, in Figure 2's KV
+space of `paper.NUM_KV_SLOTS` slots, or the largest multiple of the block size below it).
 
 What is averaged, as in the fragmentation experiment: over the steps at which the waiting queue
 is non-empty, each category's share of the KV space, and the number of running requests.
-`waste` = reservation + internal + external fragmentation (the paper's 3.7% for vLLM at block
-size 16 on ShareGPT, Figure 2). For the paged cache, "reservation" is the part of the allocated
+`waste` = reservation + internal + external fragmentation (what the paper's Figure 2 gives for
+vLLM, at block size 16 on ShareGPT). For the paged cache, "reservation" is the part of the allocated
 blocks' empty slots that the request will still fill, "internal" the part past its final length.
 
     python -m minipaged.experiments.block_size --out DIR [--dataset sharegpt alpaca]

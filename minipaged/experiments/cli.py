@@ -121,8 +121,8 @@ def output_dir(text: str) -> Path:
 
 
 def new_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser described by the first line of a module's docstring, with every common flag."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    """A parser described by the first paragraph of a module's docstring, with every common flag."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
     parser.add_argument("--seed", type=integer(at_least=0), default=0, help="seed of the request traces")
     parser.add_argument("--jobs", type=integer(at_least=1), default=os.cpu_count() or 1,

@@ -8,9 +8,9 @@ the paged cache (block size 16, blocks on demand, preemption by recomputation). 
 KV space is split into token states / reservation / internal fragmentation / external
 fragmentation / free (defined in `minipaged.kv.accounting`).
 
-Defaults follow the paper's Figure 2 setting: OPT-13B on an A100-40GB, i.e. a KV space of
-15,728 token slots (12 GiB at 800 KiB per token) and a maximum length of 2048; 1000
-ShareGPT-like requests (5000 for Alpaca, whose requests are ~6x shorter; `minipaged.workloads`).
+Defaults follow the paper's Figure 2 setting: OPT-13B on an A100-40GB, i.e. the KV space of
+`paper.NUM_KV_SLOTS` token slots and OPT's maximum length (`minipaged.workloads.MAX_SEQ_LEN`);
+1000 ShareGPT-like requests (5000 for Alpaca, whose requests are ~6x shorter; `cli.Sizes`).
 Every request arrives at time 0 (rate inf, overridable with --rate), so requests wait for
 memory throughout: memory is the bottleneck, as in the paper's measurement, and no step
 duration is involved.
@@ -21,25 +21,18 @@ The final drain (queue empty, memory emptying) is left out; it would otherwise a
 memory that no system could have used. `requests_batched` is the mean number of running
 requests over the same steps.
 
-What differs from the paper. (1) The lengths are synthetic log-normals with the paper's means;
-the datasets' spread is unknown to us, and it moves the contiguous bars: Max's token-state share
-goes from 16.4% to 23.9% as the coefficient of variation goes from 0.5 to 1.5 (we use 1), Pow2's
-from 29.3% to 33.8%; Oracle (~41.5%) and paged (~97.3%) hardly move. (2) Our buddy allocator
-gives the unused tail of a power-of-two block back (Linux's alloc_pages_exact), so Oracle's
-slack past a request's length is free, if fragmented, memory; this is one reading of the paper,
-whose Oracle shows 36.6% external fragmentation to our ~31%, and 38.2% token states to our ~41%.
+What differs from the paper (by how much is measured by this command and written in the README,
+not here, so that the numbers live in one place: the CSVs and the README). (1) The lengths are
+synthetic log-normals with the paper's means; the datasets' spread is unknown to us, and it
+moves the contiguous bars, Max's and Pow2's most, while Oracle and paged hardly move. (2) Our
+buddy allocator gives the unused tail of a power-of-two block back (Linux's alloc_pages_exact),
+so Oracle's slack past a request's length is free, if fragmented, memory; this is one reading of
+the paper, whose Oracle shows more external fragmentation and fewer token states than ours.
 (3) Steps are model iterations of equal weight, and the paged cache is admitted into without
-vLLM's 1% free-block watermark: ~1.7 preemptions per ShareGPT request (1743 for the 1000 of seed
-0, 1482 to 1840 over seeds 0-4; with the watermark ~1.1, and 97.3% token states instead of
-97.5%). (4) One trace of 1000 requests is noisy: its mean lengths differ from the targets by up
-to ~9% (seed 0: prompt mean 152.0). Over seeds 0-4 (ShareGPT, mean and min-max, percent):
-Max: token states 20.4 (19.0-21.6), reservation 13.4 (12.0-14.9), internal 57.3 (54.6-60.2),
-external 8.9 (every seed: 15,728 - 7 x 2048 = 1392 slots); Pow2: 31.4 (30.7-32.6),
-20.7 (19.5-22.5), 14.3 (13.5-14.8), 33.7 (31.4-35.1); Oracle: 41.4 (41.1-42.0), 27.3
-(26.6-28.9), 0, 31.3 (29.7-31.8); paged: token states 97.4 (97.2-97.5), waste 2.6 (2.5-2.8).
-So Max's token-state share at seed 0 (20.6) matching the paper's 20.4 is partly luck; read
-differences of a few points from the paper as noise (Max's internal fragmentation spans 5.6
-points), and compare systems at the same seed.
+vLLM's 1% free-block watermark, so it preempts more often than vLLM would (the `preemptions`
+column counts it). (4) One trace of 1000 requests is noisy: its mean lengths miss the targets by
+a few percent, and every bar moves from seed to seed (run --seed 0 to 4 to see by how much).
+Read differences of a few points from the paper as noise, and compare systems at the same seed.
 
     python -m minipaged.experiments.fragmentation --out DIR [--dataset sharegpt alpaca] [--seed N]
 

@@ -1,21 +1,18 @@
 """The memory breakdown over time, contiguous against paged: Figure 2's averages (§3) unrolled,
 so that the reader sees the waste appear as requests arrive.
 
-Both caches serve the same ShareGPT-like trace (default 400 requests at 2 req/s, the rate of the
-paper's Figure 13) through the serving loop of `minipaged.experiments.serve`, with a step of
-40 ms (see `minipaged.experiments.batching` for that choice). The contiguous cache (reservation
-policy `pow2` by default, which shows all three kinds of waste) fills the KV space with
-reservations long before it is filled with tokens, and requests queue up while most of the space
-holds no token: at the defaults (seed 0), over the 89% of the steps at which requests wait, Pow2's
-KV space is 30.0% token states, 19.9% reservation, 16.7% internal and 33.4% external
-fragmentation, i.e. 70% holds no token. The paged cache serves the same trace with room to
-spare: requests wait for memory at only 1% of its steps (there its space is 96.9% token states),
-and averaged over the whole run its space is 60% token states and 39% free. Its panel is
-therefore not a like-for-like match for the paper's 96.3% line, which is measured under memory
-pressure (see `minipaged.experiments.fragmentation` for that: every request at time 0).
+Both caches serve the same ShareGPT-like trace (by default NUM_REQUESTS requests at the ShareGPT
+rate of the paper's Figure 13) through the serving loop of `minipaged.experiments.serve`, with a
+step of `paper.STEP_DURATION` (how it is derived is written there). The contiguous cache
+(reservation policy `pow2` by default, which shows all three kinds of waste) fills the KV space
+with reservations long before it is filled with tokens, and requests queue up while much of the
+space holds no token. The paged cache serves the same trace with room to spare: requests rarely
+wait for memory, and much of its space stays free. Its panel is therefore not a like-for-like
+match for the paper's Figure 2 line, which is measured under memory pressure (see
+`minipaged.experiments.fragmentation` for that: every request at time 0).
 
 What is plotted: each category's share of the KV space, averaged over bins of consecutive steps
-(about 500 bins per run), against time, with the number of waiting requests on a second axis;
+(at most NUM_BINS bins per run), against time, with the number of waiting requests on a second axis;
 dashed lines mark the paper's Figure 2 token-state share for the same system, and each panel's
 title gives the share of the steps at which a request waited for memory.
 
@@ -28,6 +25,7 @@ memory_bound: the share of the bin's steps at which a request waited) and DIR/ti
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +46,7 @@ def one_run(system: str, requests: list[Request], sizes: cli.Sizes, step_duratio
     result = serve(make_cache(system, sizes.kv_slots, sizes.max_seq_len), requests, step_duration)
     columns = np.column_stack([100.0 * result.breakdowns / result.capacity, result.num_running,
                                result.num_waiting, result.memory_bound])
-    bin_size = -(-len(columns) // NUM_BINS)
+    bin_size = math.ceil(len(columns) / NUM_BINS)  # steps per bin, for at most NUM_BINS bins
     rows = []
     for start in range(0, len(columns), bin_size):
         mean = columns[start:start + bin_size].mean(axis=0)
