@@ -102,10 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
     parser.add_argument("--rates", type=cli.positive_number(allow_inf=True), nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=cli.positive_number(allow_inf=False), default=paper.STEP_DURATION,
-                        help="seconds per model step")
-    parser.add_argument("--block-size", type=cli.power_of_two, default=paper.DEFAULT_BLOCK_SIZE,
-                        help="block size of the paged cache")
+    cli.add_step_duration(parser)
+    cli.add_block_size(parser)
     args = cli.parse(parser, argv)
     defaults = QUICK_RATES if args.quick else RATES
     args.rates_by_dataset = {w: args.rates or defaults.get(w) for w in args.dataset}
@@ -122,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                args.jobs)
     cli.write_csv(args.out / "batching.csv", rows)
     plot(rows, args.out / "batching.png")
+
 
 if __name__ == "__main__":
     main()

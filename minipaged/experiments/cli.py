@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from minipaged.experiments.paper import NUM_KV_SLOTS
+from minipaged.experiments.paper import DEFAULT_BLOCK_SIZE, NUM_KV_SLOTS, STEP_DURATION
 from minipaged.experiments.serve import make_cache
 from minipaged.workloads import MAX_SEQ_LEN, get_dataset, is_lengths_file, load_lengths
 
@@ -146,6 +146,18 @@ def add_dataset(parser: argparse.ArgumentParser, default: list[str], several: bo
     files = ".csv/.json files" if several else "a .csv/.json file"
     parser.add_argument("--dataset", nargs="+" if several else 1, default=default,
                         help=f"sharegpt, alpaca, or {files} of (prompt, output) lengths (default: {' '.join(default)})")
+
+
+def add_block_size(parser: argparse.ArgumentParser) -> None:
+    """The --block-size flag: the paged cache's block size (default vLLM's)."""
+    parser.add_argument("--block-size", type=power_of_two, default=DEFAULT_BLOCK_SIZE,
+                        help=f"block size of the paged cache (default {DEFAULT_BLOCK_SIZE})")
+
+
+def add_step_duration(parser: argparse.ArgumentParser) -> None:
+    """The --step-duration flag: seconds per model step, which turns request rates into steps."""
+    parser.add_argument("--step-duration", type=positive_number(allow_inf=False), default=STEP_DURATION,
+                        help=f"seconds per model step (default {STEP_DURATION})")
 
 
 def workload_name(workload: str) -> str:

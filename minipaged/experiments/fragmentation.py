@@ -126,8 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_dataset(parser, ["sharegpt"], several=True)
     parser.add_argument("--rate", type=cli.positive_number(allow_inf=True), default=math.inf,
                         help="requests per second (default inf: all at 0)")
-    parser.add_argument("--block-size", type=cli.power_of_two, default=paper.DEFAULT_BLOCK_SIZE,
-                        help="block size of the paged cache")
+    cli.add_block_size(parser)
     args = cli.parse(parser, argv)
     cli.check_kv_space(parser, args.sizes, SYSTEMS, [args.block_size])
     return args

@@ -111,8 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reservation policy of the contiguous cache")
     parser.add_argument("--rate", type=cli.positive_number(allow_inf=True), default=paper.FIGURE_13["sharegpt"][0],
                         help="requests per second (default: Figure 13's ShareGPT rate)")
-    parser.add_argument("--step-duration", type=cli.positive_number(allow_inf=False), default=paper.STEP_DURATION,
-                        help="seconds per model step")
+    cli.add_step_duration(parser)
     args = cli.parse(parser, argv)
     args.systems = [f"contiguous-{args.reservation}", "paged"]
     cli.check_kv_space(parser, args.sizes, args.systems, [paper.DEFAULT_BLOCK_SIZE])
@@ -130,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                args.jobs)
     cli.write_csv(args.out / "timeline.csv", rows)
     plot(rows, args.out / "timeline.png")
+
 
 if __name__ == "__main__":
     main()
