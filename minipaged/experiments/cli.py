@@ -7,9 +7,9 @@ own flags, and `python -m minipaged.experiments` hands the common flags on to ev
 
 Bad input stops at the door with argparse's usage error (exit status 2) and a message naming the
 flag, before any run starts: every number is checked by its argparse type, and what depends on
-several flags (a lengths file against --max-seq-len, the KV space against the longest request)
-by `parse` and `check_kv_space`. A worker process never meets bad input, so a traceback from one
-is a bug.
+several flags (a lengths file against --max-seq-len, the KV space against a request of
+--max-seq-len tokens) by `parse` and `check_kv_space`. A worker process never meets bad input, so
+a traceback from one is a bug.
 """
 
 from __future__ import annotations
