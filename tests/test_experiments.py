@@ -12,8 +12,9 @@ import math
 import pytest
 
 from minipaged.experiments import __main__ as run_all
-from minipaged.experiments import batching, block_size, fragmentation, timeline
-from minipaged.experiments.serve import QUICK, Sizes, make_cache, serve
+from minipaged.experiments import batching, block_size, fragmentation, paper, timeline
+from minipaged.experiments.cli import QUICK, Sizes
+from minipaged.experiments.serve import make_cache, serve
 from minipaged.kv import ContiguousKVCache, PagedKVCache
 from minipaged.workloads import Request, make_trace
 
@@ -221,27 +222,69 @@ def test_bad_input():
         Sizes(num_requests=0)
 
 
+EVERY_MAIN = [fragmentation.main, batching.main, block_size.main, timeline.main, run_all.main]
+
+
+def case_id(value: object) -> str:
+    """A test id that reads: the experiment's module and the options."""
+    return value.__module__.rsplit(".", 1)[-1] if callable(value) else " ".join(value)
+
+
 @pytest.mark.parametrize(
     "main, argv",
     [
         (batching.main, ["--step-duration", "0"]),
         (batching.main, ["--step-duration", "nan"]),
+        (batching.main, ["--step-duration", "inf"]),  # every step at time inf: no request would ever wait
         (timeline.main, ["--step-duration", "-0.04"]),
         (timeline.main, ["--num-requests", "0"]),
         (fragmentation.main, ["--num-requests", "0"]),
         (fragmentation.main, ["--block-size", "0"]),
+        (fragmentation.main, ["--block-size", "3"]),  # the paged cache takes powers of two
+        (batching.main, ["--block-size", "12"]),
         (fragmentation.main, ["--rate", "0"]),
+        (timeline.main, ["--rate", "-2"]),
+        (batching.main, ["--rates", "2", "nan"]),
         (block_size.main, ["--block-sizes", "16", "-4"]),
+        (block_size.main, ["--block-sizes", "16", "24"]),
         (fragmentation.main, ["--dataset", "lmsys"]),
         (timeline.main, ["--dataset", "missing.csv"]),
+        (fragmentation.main, ["--max-seq-len", "1"]),
+        (block_size.main, ["--jobs", "0"]),
+        (timeline.main, ["--seed", "1.5"]),
+        *((main, ["--seed", "-1"]) for main in EVERY_MAIN),
+        *((main, ["--kv-slots", "x"]) for main in EVERY_MAIN),
+        # The KV space cannot hold one request of the maximum length: checked against each system's cache.
+        (fragmentation.main, ["--kv-slots", "100"]),  # Max's slab of 2048
+        (timeline.main, ["--kv-slots", "2000", "--reservation", "oracle"]),  # an aligned block of 2048
+        (block_size.main, ["--kv-slots", "2000"]),  # 31 blocks of 64 slots hold 1984 tokens
+        (fragmentation.main, ["--kv-slots", "4096", "--max-seq-len", "4097"]),
+        (run_all.main, ["--kv-slots", "100"]),  # checked for every experiment before the first runs
     ],
+    ids=case_id,
 )
 def test_bad_options_stop_before_any_run(tmp_path, capsys, main, argv):
     with pytest.raises(SystemExit) as stop:
         main(["--out", str(tmp_path), "--quick", "--jobs", "1", *argv])
     assert stop.value.code == 2  # argparse's usage error
-    assert argv[0] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert argv[0] in err
+    assert err.startswith("usage:")
+    message = err.strip().splitlines()[-1]  # "PROG: error: MESSAGE", after the usage lines
+    assert "error:" in message and argv[0] in message
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("main", EVERY_MAIN, ids=case_id)
+def test_out_must_be_a_directory(tmp_path, capsys, main):
+    not_a_directory = tmp_path / "figures"
+    not_a_directory.write_text("")
+    for out in (not_a_directory, not_a_directory / "sub"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--out", str(out), "--quick", "--jobs", "1"])
+        assert stop.value.code == 2
+        assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert [path.name for path in tmp_path.iterdir()] == ["figures"]
 
 
 def test_batching_averages_until_the_last_arrival(tmp_path):
@@ -282,7 +325,7 @@ def test_timeline_times_are_seconds():
 
 def test_paper_constants():
     # Written out from REFERENCE.md (paper Figure 2, Figure 13, Figure 18b).
-    assert fragmentation.PAPER_FIG2 == {
+    assert paper.FIGURE_2 == {
         "contiguous-max": {"token_states": 20.4, "reservation": 13.3, "internal_fragmentation": 57.3,
                            "external_fragmentation": 8.9},
         "contiguous-pow2": {"token_states": 26.8, "reservation": 17.9, "internal_fragmentation": 13.6,
@@ -291,13 +334,13 @@ def test_paper_constants():
                               "external_fragmentation": 36.6},
         "paged": {"token_states": 96.3, "waste": 3.7},
     }
-    assert batching.PAPER_FIG13 == {
+    assert paper.FIGURE_13 == {
         "sharegpt": (2.0, {"contiguous-max": 7.00, "contiguous-pow2": 9.81, "contiguous-oracle": 13.62,
                            "paged": 30.42}),
         "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75,
                           "paged": 132.44}),
     }
-    assert block_size.PAPER_BEST == {"sharegpt": (16, 128), "alpaca": (16, 32)}
+    assert paper.FIGURE_18B_BEST_BLOCK_SIZES == {"sharegpt": (16, 128), "alpaca": (16, 32)}
 
 
 def test_every_experiment_quick(tmp_path):

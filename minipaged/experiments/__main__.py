@@ -8,33 +8,33 @@ Runs, in order, with the same seed and sizes:
 * `timeline`       Figure 2 unrolled over time, contiguous (Pow2) against paged.
 
 Each writes its CSV and PNG into --out (see each module's docstring for what is averaged).
---quick makes every run small (for tests and a first look).
+--quick makes every run small (for tests and a first look). Every experiment checks its options
+before the first one runs, so a bad option stops with a usage error and writes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from tqdm import tqdm
 
-from minipaged.experiments import batching, block_size, fragmentation, timeline
-from minipaged.experiments.serve import add_common_args
+from minipaged.experiments import batching, block_size, cli, fragmentation, timeline
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.parse_args(argv)  # check the options here; every experiment takes the same ones
+    cli.new_parser(__doc__).parse_args(argv)  # only the common flags, which every experiment takes
     experiments = [
-        (fragmentation.main, ["--dataset", "sharegpt", "alpaca"]),
-        (batching.main, []),
-        (block_size.main, []),
-        (timeline.main, []),
+        (fragmentation, [*argv, "--dataset", "sharegpt", "alpaca"]),
+        (batching, argv),
+        (block_size, argv),
+        (timeline, argv),
     ]
-    for experiment, extra in tqdm(experiments, desc="experiments", unit="experiment"):
-        experiment([*argv, *extra])
+    # Every experiment checks its sizes against its own caches: all must pass before the first runs.
+    for experiment, experiment_argv in experiments:
+        experiment.parse_args(experiment_argv)
+    for experiment, experiment_argv in tqdm(experiments, desc="experiments", unit="experiment"):
+        experiment.main(experiment_argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
 """How many requests each system batches at once, against the request rate: the memory side of
-the paper's Figure 13 (§6.2, OPT-13B: ShareGPT at 2 req/s, Alpaca at 30 req/s).
+the paper's Figure 13 (§6.2, OPT-13B, at the rates of `paper.FIGURE_13`).
 
 A system can only batch the requests whose KV cache it can hold, so the less memory it wastes
 the more requests run at once, and the higher its throughput (§6.2). Each system serves the same
 requests (same seed: the same lengths at every rate, only spaced differently in time) through
-the serving loop of `minipaged.experiments.serve`, KV space of 15,728 slots as in Figure 2.
+the serving loop of `minipaged.experiments.serve`, in Figure 2's KV space (`paper.NUM_KV_SLOTS`).
 
-How time maps to steps: the model is replaced by a fixed step duration (default 40 ms, one
-decode iteration of OPT-13B on an A100 with a full KV space: 26 GB of weights and 12 GB of KV
-read at ~60% of the 1.55 TB/s peak). Step k happens at k x step_duration seconds, and a request
-arriving at time t joins the queue at the first step at or after t. In reality an iteration's
-duration grows with the batch and with prefills; a fixed duration keeps the model honest about
-memory only. Little's law says what it implies: requests batched = rate x time in the system,
-and a request of L output tokens spends at least L x step_duration seconds there. (A check, not
-a calibration: the paper's vLLM point, 30.42 requests at 2 req/s with 338 output tokens on
-average, implies ~45 ms per token.)
+How time maps to steps: the model is replaced by a fixed step duration (default
+`paper.STEP_DURATION`, one decode iteration of OPT-13B on an A100; how it is derived is written
+there). Step k happens at k x step_duration seconds, and a request arriving at time t joins the
+queue at the first step at or after t. In reality an iteration's duration grows with the batch
+and with prefills; a fixed duration keeps the model honest about memory only. Little's law says
+what it implies: requests batched = rate x time in the system, and a request of L output tokens
+spends at least L x step_duration seconds there.
 
 What is averaged: the number of running requests, with equal weight over every step from the
 first step to the step at which the last request arrives (while traffic is arriving; the drain
@@ -30,42 +28,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from minipaged.experiments.fragmentation import workload_name
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import SYSTEM_LABELS, plt, save
-from minipaged.experiments.serve import (
-    PAPER_SIZES,
-    STEP_DURATION,
-    SYSTEMS,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    positive_float,
-    positive_int,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import SYSTEMS, make_cache, serve
 from minipaged.workloads import make_trace
 
-# Paper Figure 13 (OPT-13B, A100-40GB): average number of batched requests at one rate.
-PAPER_FIG13 = {
-    "sharegpt": (2.0, {"contiguous-max": 7.00, "contiguous-pow2": 9.81, "contiguous-oracle": 13.62, "paged": 30.42}),
-    "alpaca": (30.0, {"contiguous-max": 7.00, "contiguous-pow2": 43.24, "contiguous-oracle": 72.75, "paged": 132.44}),
-}
 RATES = {"sharegpt": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "alpaca": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]}
 QUICK_RATES = {"sharegpt": [1.0, 4.0], "alpaca": [15.0, 60.0]}
 
 
-def one_run(workload: str, rate: float, system: str, sizes: Sizes, seed: int, step_duration: float,
+def one_run(workload: str, rate: float, system: str, sizes: cli.Sizes, seed: int, step_duration: float,
             block_size: int) -> dict:
     """The mean number of running requests while traffic arrives, as a CSV row."""
     requests = make_trace(workload, sizes.requests_for(workload), rate, seed, sizes.max_seq_len)
     cache = make_cache(system, sizes.kv_slots, sizes.max_seq_len, block_size)
     result = serve(cache, requests, step_duration, measure_memory=False, stop_at_last_arrival=True)
     return {
-        "dataset": workload_name(workload),
+        "dataset": cli.workload_name(workload),
         "rate": rate,
         "system": system,
         "requests_batched": round(float(result.num_running.mean()), 2),
@@ -79,16 +58,16 @@ def one_run(workload: str, rate: float, system: str, sizes: Sizes, seed: int, st
 def run(
     workloads: list[str],
     rates: dict[str, list[float]],
-    sizes: Sizes = PAPER_SIZES,
+    sizes: cli.Sizes = cli.PAPER_SIZES,
     seed: int = 0,
-    step_duration: float = STEP_DURATION,
-    block_size: int = 16,
+    step_duration: float = paper.STEP_DURATION,
+    block_size: int = paper.DEFAULT_BLOCK_SIZE,
     jobs: int = 1,
 ) -> list[dict]:
     """One row per (workload, rate, system). `rates` maps each workload to its request rates."""
     runs = [(w, rate, system, sizes, seed, step_duration, block_size)
             for w in workloads for rate in rates[w] for system in SYSTEMS]
-    return map_runs(one_run, runs, jobs, "batching")
+    return cli.map_runs(one_run, runs, jobs, "batching")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -101,9 +80,9 @@ def plot(rows: list[dict], path: Path) -> None:
             points = [(row["rate"], row["requests_batched"]) for row in rows
                       if row["dataset"] == dataset and row["system"] == system]
             ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"{SYSTEM_LABELS[system]} (ours)")
-            if dataset in PAPER_FIG13:
-                rate, paper = PAPER_FIG13[dataset]
-                ax.plot(rate, paper[system], "*", color=color, markersize=14, markeredgecolor="black",
+            if dataset in paper.FIGURE_13:
+                rate, batched = paper.FIGURE_13[dataset]
+                ax.plot(rate, batched[system], "*", color=color, markersize=14, markeredgecolor="black",
                         label=f"{SYSTEM_LABELS[system]} (paper Fig. 13)")
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("requests batched at once (mean)")
@@ -116,28 +95,31 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", nargs="+", default=["sharegpt", "alpaca"],
-                        help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
-    parser.add_argument("--rates", type=positive_float, nargs="+",
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error. args.rates_by_dataset
+    maps each dataset to its rates."""
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt", "alpaca"], several=True)
+    parser.add_argument("--rates", type=cli.positive_number(allow_inf=True), nargs="+",
                         help="request rates (req/s) for every dataset (default: around the paper's rate)")
-    parser.add_argument("--step-duration", type=positive_float, default=STEP_DURATION,
-                        help="seconds per model step")
-    parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, args.dataset, sizes)
+    cli.add_step_duration(parser)
+    cli.add_block_size(parser)
+    args = cli.parse(parser, argv)
     defaults = QUICK_RATES if args.quick else RATES
-    rates = {w: args.rates or defaults.get(w) for w in args.dataset}
-    missing = [w for w, r in rates.items() if not r]
+    args.rates_by_dataset = {w: args.rates or defaults.get(w) for w in args.dataset}
+    missing = [w for w, r in args.rates_by_dataset.items() if not r]
     if missing:
         parser.error(f"--rates is needed for {', '.join(missing)} (defaults exist for {', '.join(RATES)})")
-    rows = run(args.dataset, rates, sizes, args.seed, args.step_duration, args.block_size, args.jobs)
-    out = Path(args.out)
-    write_csv(out / "batching.csv", rows)
-    plot(rows, out / "batching.png")
+    cli.check_kv_space(parser, args.sizes, SYSTEMS, [args.block_size])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = run(args.dataset, args.rates_by_dataset, args.sizes, args.seed, args.step_duration, args.block_size,
+               args.jobs)
+    cli.write_csv(args.out / "batching.csv", rows)
+    plot(rows, args.out / "batching.png")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ the paged cache (block size 16, blocks on demand, preemption by recomputation). 
 KV space is split into token states / reservation / internal fragmentation / external
 fragmentation / free (defined in `minipaged.kv.accounting`).
 
-Defaults follow the paper's Figure 2 setting: OPT-13B on an A100-40GB, i.e. a KV space of
-15,728 token slots (12 GiB at 800 KiB per token) and a maximum length of 2048; 1000
-ShareGPT-like requests (5000 for Alpaca, whose requests are ~6x shorter; `minipaged.workloads`).
+Defaults follow the paper's Figure 2 setting: OPT-13B on an A100-40GB, i.e. the KV space of
+`paper.NUM_KV_SLOTS` token slots and OPT's maximum length (`minipaged.workloads.MAX_SEQ_LEN`);
+1000 ShareGPT-like requests (5000 for Alpaca, whose requests are ~6x shorter; `cli.Sizes`).
 Every request arrives at time 0 (rate inf, overridable with --rate), so requests wait for
 memory throughout: memory is the bottleneck, as in the paper's measurement, and no step
 duration is involved.
@@ -21,25 +21,18 @@ The final drain (queue empty, memory emptying) is left out; it would otherwise a
 memory that no system could have used. `requests_batched` is the mean number of running
 requests over the same steps.
 
-What differs from the paper. (1) The lengths are synthetic log-normals with the paper's means;
-the datasets' spread is unknown to us, and it moves the contiguous bars: Max's token-state share
-goes from 16.4% to 23.9% as the coefficient of variation goes from 0.5 to 1.5 (we use 1), Pow2's
-from 29.3% to 33.8%; Oracle (~41.5%) and paged (~97.3%) hardly move. (2) Our buddy allocator
-gives the unused tail of a power-of-two block back (Linux's alloc_pages_exact), so Oracle's
-slack past a request's length is free, if fragmented, memory; this is one reading of the paper,
-whose Oracle shows 36.6% external fragmentation to our ~31%, and 38.2% token states to our ~41%.
+What differs from the paper (by how much is measured by this command and written in the README,
+not here, so that the numbers live in one place: the CSVs and the README). (1) The lengths are
+synthetic log-normals with the paper's means; the datasets' spread is unknown to us, and it
+moves the contiguous bars, Max's and Pow2's most, while Oracle and paged hardly move. (2) Our
+buddy allocator gives the unused tail of a power-of-two block back (Linux's alloc_pages_exact),
+so Oracle's slack past a request's length is free, if fragmented, memory; this is one reading of
+the paper, whose Oracle shows more external fragmentation and fewer token states than ours.
 (3) Steps are model iterations of equal weight, and the paged cache is admitted into without
-vLLM's 1% free-block watermark: ~1.7 preemptions per ShareGPT request (1743 for the 1000 of seed
-0, 1482 to 1840 over seeds 0-4; with the watermark ~1.1, and 97.3% token states instead of
-97.5%). (4) One trace of 1000 requests is noisy: its mean lengths differ from the targets by up
-to ~9% (seed 0: prompt mean 152.0). Over seeds 0-4 (ShareGPT, mean and min-max, percent):
-Max: token states 20.4 (19.0-21.6), reservation 13.4 (12.0-14.9), internal 57.3 (54.6-60.2),
-external 8.9 (every seed: 15,728 - 7 x 2048 = 1392 slots); Pow2: 31.4 (30.7-32.6),
-20.7 (19.5-22.5), 14.3 (13.5-14.8), 33.7 (31.4-35.1); Oracle: 41.4 (41.1-42.0), 27.3
-(26.6-28.9), 0, 31.3 (29.7-31.8); paged: token states 97.4 (97.2-97.5), waste 2.6 (2.5-2.8).
-So Max's token-state share at seed 0 (20.6) matching the paper's 20.4 is partly luck; read
-differences of a few points from the paper as noise (Max's internal fragmentation spans 5.6
-points), and compare systems at the same seed.
+vLLM's 1% free-block watermark, so it preempts more often than vLLM would (the `preemptions`
+column counts it). (4) One trace of 1000 requests is noisy: its mean lengths miss the targets by
+a few percent, and every bar moves from seed to seed (run --seed 0 to 4 to see by how much).
+Read differences of a few points from the paper as noise, and compare systems at the same seed.
 
     python -m minipaged.experiments.fragmentation --out DIR [--dataset sharegpt alpaca] [--seed N]
 
@@ -54,44 +47,13 @@ import argparse
 import math
 from pathlib import Path
 
+from minipaged.experiments import cli, paper
 from minipaged.experiments.plotting import COLORS, LABELS, SYSTEM_LABELS, plt, save
-from minipaged.experiments.serve import (
-    CATEGORIES,
-    PAPER_SIZES,
-    SYSTEMS,
-    Sizes,
-    add_common_args,
-    check_workloads,
-    make_cache,
-    map_runs,
-    note_unbounded,
-    positive_float,
-    positive_int,
-    serve,
-    sizes_from_args,
-    write_csv,
-)
+from minipaged.experiments.serve import CATEGORIES, SYSTEMS, make_cache, serve
 from minipaged.workloads import make_trace
 
-# Paper Figure 2 (OPT-13B, A100-40GB, ShareGPT): percent of the KV space. For vLLM the paper only
-# gives token states and the total waste of all categories.
-PAPER_FIG2 = {
-    "contiguous-max": {"token_states": 20.4, "reservation": 13.3, "internal_fragmentation": 57.3,
-                       "external_fragmentation": 8.9},
-    "contiguous-pow2": {"token_states": 26.8, "reservation": 17.9, "internal_fragmentation": 13.6,
-                        "external_fragmentation": 41.6},
-    "contiguous-oracle": {"token_states": 38.2, "reservation": 25.2, "internal_fragmentation": 0.0,
-                          "external_fragmentation": 36.6},
-    "paged": {"token_states": 96.3, "waste": 3.7},
-}
 
-
-def workload_name(workload: str) -> str:
-    """A dataset's name, or the stem of a lengths file."""
-    return Path(workload).stem
-
-
-def one_run(workload: str, system: str, sizes: Sizes, seed: int, rate: float, block_size: int) -> dict:
+def one_run(workload: str, system: str, sizes: cli.Sizes, seed: int, rate: float, block_size: int) -> dict:
     """The averaged breakdown of one system over memory-bound steps, as a CSV row."""
     requests = make_trace(workload, sizes.requests_for(workload), rate, seed, sizes.max_seq_len)
     result = serve(make_cache(system, sizes.kv_slots, sizes.max_seq_len, block_size), requests)
@@ -105,15 +67,15 @@ def one_run(workload: str, system: str, sizes: Sizes, seed: int, rate: float, bl
         "memory_bound_steps": int(steps.sum()),
         "steps": len(steps),
         "requests": len(requests),
-        "dataset": workload_name(workload),
+        "dataset": cli.workload_name(workload),
     }
 
 
-def run(workloads: list[str], sizes: Sizes = PAPER_SIZES, seed: int = 0, rate: float = math.inf,
-        block_size: int = 16, jobs: int = 1) -> list[dict]:
+def run(workloads: list[str], sizes: cli.Sizes = cli.PAPER_SIZES, seed: int = 0, rate: float = math.inf,
+        block_size: int = paper.DEFAULT_BLOCK_SIZE, jobs: int = 1) -> list[dict]:
     """One row per (workload, system)."""
     runs = [(w, system, sizes, seed, rate, block_size) for w in workloads for system in SYSTEMS]
-    return map_runs(one_run, runs, jobs, "fragmentation")
+    return cli.map_runs(one_run, runs, jobs, "fragmentation")
 
 
 def stacked_bar(ax: plt.Axes, x: float, values: dict[str, float], paper: bool) -> None:
@@ -142,7 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
         paper_label = "paper" if dataset == "sharegpt" else "paper\n(ShareGPT)"
         for i, system in enumerate(SYSTEMS):
             stacked_bar(ax, 3 * i, ours[system], paper=False)
-            stacked_bar(ax, 3 * i + 1, PAPER_FIG2[system], paper=True)
+            stacked_bar(ax, 3 * i + 1, paper.FIGURE_2[system], paper=True)
             ticks += [3 * i, 3 * i + 1]
             labels += [f"{SYSTEM_LABELS[system]}\nours", f"{SYSTEM_LABELS[system]}\n{paper_label}"]
         ax.set_xticks(ticks, labels, fontsize=8)
@@ -158,22 +120,24 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--dataset", nargs="+", default=["sharegpt"],
-                        help="sharegpt, alpaca, or .csv/.json files of lengths (several: one panel each)")
-    parser.add_argument("--rate", type=positive_float, default=math.inf,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad input stops here with a usage error."""
+    parser = cli.new_parser(__doc__)
+    cli.add_dataset(parser, ["sharegpt"], several=True)
+    parser.add_argument("--rate", type=cli.positive_number(allow_inf=True), default=math.inf,
                         help="requests per second (default inf: all at 0)")
-    parser.add_argument("--block-size", type=positive_int, default=16, help="block size of the paged cache")
-    args = parser.parse_args(argv)
-    sizes = sizes_from_args(args)
-    check_workloads(parser, args.dataset, sizes)
-    rows = run(args.dataset, sizes, args.seed, args.rate, args.block_size, args.jobs)
-    note_unbounded(rows, "fragmentation")
-    out = Path(args.out)
-    write_csv(out / "fragmentation.csv", rows)
-    plot(rows, out / "fragmentation.png")
+    cli.add_block_size(parser)
+    args = cli.parse(parser, argv)
+    cli.check_kv_space(parser, args.sizes, SYSTEMS, [args.block_size])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = run(args.dataset, args.sizes, args.seed, args.rate, args.block_size, args.jobs)
+    cli.note_unbounded(rows, "fragmentation")
+    cli.write_csv(args.out / "fragmentation.csv", rows)
+    plot(rows, args.out / "fragmentation.png")
 
 
 if __name__ == "__main__":

@@ -30,38 +30,23 @@ thousands of requests take seconds on a CPU.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
-import sys
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import TypeVar
+from dataclasses import dataclass, fields
 
 import numpy as np
-from tqdm import tqdm
 
+from minipaged.experiments.paper import DEFAULT_BLOCK_SIZE, STEP_DURATION
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
-from minipaged.workloads import MAX_SEQ_LEN, Request, get_dataset, is_lengths_file, load_lengths
-
-T = TypeVar("T")
+from minipaged.workloads import MAX_SEQ_LEN, Request
 
 SYSTEMS = ("contiguous-max", "contiguous-pow2", "contiguous-oracle", "paged")
 CATEGORIES = tuple(f.name for f in fields(MemoryBreakdown))
 
-# KV space of the paper's setting (§6.1, Figure 2): OPT-13B on an A100-40GB leaves 12 GiB for
-# the KV cache at 800 KiB per token (2 x 5120 x 40 layers x 2 bytes) -> 15,728 token slots.
-PAPER_NUM_SLOTS = 12 * 2**30 // (800 * 2**10)
-# One decode step of OPT-13B on an A100 when the KV space is full: 26 GB of weights plus 12 GB of
-# KV read at the A100-40GB's 1.55 TB/s take 25 ms; at a realistic ~60% of peak bandwidth, 40 ms.
-STEP_DURATION = 0.04
 
-
-def make_cache(system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = 16) -> KVCache:
+def make_cache(
+    system: str, num_slots: int, max_seq_len: int = MAX_SEQ_LEN, block_size: int = DEFAULT_BLOCK_SIZE
+) -> KVCache:
     """A cache of about `num_slots` token slots for one of SYSTEMS (the paged cache gets
     num_slots // block_size blocks)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -184,127 +169,3 @@ def preempt(cache: KVCache, job: Job) -> Job:
     num_tokens = cache.num_tokens(seq_id)
     cache.free(seq_id)
     return Job(job.request, num_tokens)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How large a run is: the KV space, the model's maximum length and the requests per run.
-
-    num_requests=None means `default_requests` requests of a dataset (5 times as many for alpaca,
-    whose requests are ~6x shorter), and a replay of every line of a lengths file."""
-
-    kv_slots: int = PAPER_NUM_SLOTS
-    max_seq_len: int = MAX_SEQ_LEN
-    num_requests: int | None = None
-    default_requests: int = 1000
-
-    def __post_init__(self) -> None:
-        for name, value, least in [("kv_slots", self.kv_slots, 1), ("max_seq_len", self.max_seq_len, 2),
-                                   ("default_requests", self.default_requests, 1)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        if self.num_requests is not None and (
-            isinstance(self.num_requests, bool) or not isinstance(self.num_requests, int) or self.num_requests < 1
-        ):
-            raise ValueError(f"--num-requests must be a positive integer, got {self.num_requests!r}")
-
-    def requests_for(self, workload: str) -> int | None:
-        if self.num_requests is not None:
-            return self.num_requests
-        if is_lengths_file(workload):
-            return None  # replay the file
-        return self.default_requests * (5 if workload == "alpaca" else 1)
-
-
-PAPER_SIZES = Sizes()
-# --quick: a KV space of 4096 slots (two Max slabs) with 100 ShareGPT / 500 Alpaca requests, all
-# memory-bound at rate inf for every system (Alpaca's paged cache needs the 500).
-QUICK = Sizes(kv_slots=4096, default_requests=100)
-
-
-def map_runs(function: Callable[..., T], runs: list[tuple], jobs: int, desc: str) -> list[T]:
-    """[function(*run) for run in runs], spread over `jobs` processes, with a progress bar."""
-    if jobs == 1:
-        return [function(*run) for run in tqdm(runs, desc=desc, leave=False, unit="run")]
-    with ProcessPoolExecutor(jobs) as pool:
-        futures = [pool.submit(function, *run) for run in runs]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False, unit="run"):
-            pass
-        return [future.result() for future in futures]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (inf allowed; NaN, 0 and negatives are not)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Options every experiment takes."""
-    parser.add_argument("--out", required=True, help="directory for the CSV and PNG files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the request traces")
-    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                        help="runs in parallel (processes)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a small run for tests and a first look ({QUICK.default_requests} requests, "
-                             f"{5 * QUICK.default_requests} for alpaca, {QUICK.kv_slots} slots)")
-    parser.add_argument("--num-requests", type=positive_int,
-                        help="requests per run (default 1000; 5000 for alpaca; a lengths file is replayed "
-                             "in order, or with this option that many of its pairs are drawn with replacement)")
-    parser.add_argument("--kv-slots", type=positive_int,
-                        help=f"token slots of the KV space (default {PAPER_NUM_SLOTS}: OPT-13B on an A100-40GB)")
-    parser.add_argument("--max-seq-len", type=positive_int,
-                        help=f"the model's maximum length (default {MAX_SEQ_LEN})")
-
-
-def check_workloads(parser: argparse.ArgumentParser, workloads: list[str], sizes: Sizes) -> None:
-    """Stop with a usage error, before any run starts, on an unknown dataset or a bad lengths file."""
-    for workload in workloads:
-        try:
-            if is_lengths_file(workload):
-                load_lengths(workload, sizes.max_seq_len)
-            else:
-                get_dataset(workload)
-        except (OSError, ValueError) as e:
-            parser.error(f"--dataset {workload}: {e}")
-
-
-def note_unbounded(rows: list[dict], what: str) -> None:
-    """Print a note for each run in which no request ever waited for memory (its averages are NaN)."""
-    for row in rows:
-        if row["memory_bound_steps"] == 0:
-            where = ", ".join(f"{key} {row[key]}" for key in ("dataset", "system", "block_size") if key in row)
-            print(f"note: {what} ({where}): no request ever waited for memory, so its averages over the "
-                  "memory-bound steps are empty (NaN); use more requests or a smaller --kv-slots", file=sys.stderr)
-
-
-def sizes_from_args(args: argparse.Namespace) -> Sizes:
-    """The default (or --quick) sizes, with the options given on the command line."""
-    sizes = QUICK if args.quick else PAPER_SIZES
-    given = {"kv_slots": args.kv_slots, "max_seq_len": args.max_seq_len, "num_requests": args.num_requests}
-    return replace(sizes, **{name: value for name, value in given.items() if value is not None})
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows (dicts with the same keys, in column order) as a CSV file with a header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
