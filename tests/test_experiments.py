@@ -35,14 +35,13 @@ def test_contiguous_max():
         [5, 5, 6, 0, 0],
         # step 1: A 3, B 4 -> tokens 7, reservation 2+1, internal 6.
         [7, 3, 6, 0, 0],
-        # step 2: A 4; B reaches 5 and leaves; C takes B's slab: tokens 4+1, reservation 1+1,
-        #         internal 3 + (8-2).
+        #         B samples its last token and leaves at the end of the step.
+        # step 2: A 4; C takes B's slab: tokens 4+1, reservation 1+1, internal 3 + (8-2).
+        #         A and C sample their last tokens and leave: the run is over.
         [5, 2, 9, 0, 0],
-        # step 3: A and C reach their final lengths and leave.
-        [0, 0, 0, 0, 16],
     ]
-    assert result.num_running.tolist() == [2, 2, 2, 0]
-    assert result.num_waiting.tolist() == [1, 1, 0, 0]
+    assert result.num_running.tolist() == [2, 2, 2]
+    assert result.num_waiting.tolist() == [1, 1, 0]
     assert result.num_preemptions == 0
     # Averaged over steps 0-1 (C waiting): tokens 6/16, reservation 4/16, internal 6/16.
     assert result.average_percentages(result.memory_bound) == {
@@ -62,15 +61,14 @@ def test_contiguous_oracle_external_fragmentation():
         [7, 6, 0, 3, 0],
         # step 1: A 4, B 5 -> tokens 9, reservation 1+3; still 3 slots of external fragmentation.
         [9, 4, 0, 3, 0],
-        # step 2: A leaves and [0,8) coalesces; B 6; C takes [0,3): tokens 6+2, reservation 2+1,
-        #         free 16-8-3 = 5 (no one waits, so none of it is external).
+        #         A samples its last token and leaves.
+        # step 2: [0,8) has coalesced; B 6; C takes [0,3): tokens 6+2, reservation 2+1,
+        #         free 16-8-3 = 5 (no one waits, so none of it is external). C leaves.
         [8, 3, 0, 0, 5],
-        # step 3: B 7, C reaches 3 and leaves.
+        # step 3: B 7, and leaves.
         [7, 1, 0, 0, 8],
-        # step 4: B leaves.
-        [0, 0, 0, 0, 16],
     ]
-    assert result.num_waiting.tolist() == [1, 1, 0, 0, 0]
+    assert result.num_waiting.tolist() == [1, 1, 0, 0]
     # Averaged over steps 0-1: tokens 8/16, reservation 5/16, external 3/16.
     assert result.average_percentages(result.memory_bound) == {
         "token_states": 50.0, "reservation": 31.25, "internal_fragmentation": 0.0,
@@ -88,100 +86,89 @@ def test_paged_preemption_by_recomputation():
         # step 1: A grows to 3 and takes the last block; B grows to 4 inside its second block.
         [7, 1, 0, 0, 0],
         # step 2: A grows to 4. B needs a block, none is free and no one was admitted after it:
-        #         B is preempted (1), then readmitted at once as a 4-token prompt in 2 blocks.
-        [8, 0, 0, 0, 0],
-        # step 3: A needs a block: B, admitted last, is preempted (2) and waits as a 4-token
-        #         prompt. A (5 tokens) takes a third block; the 1 free block cannot hold B's 2.
+        #         B preempts itself (1) and waits to be recomputed from all it had: 3 prompt + 2
+        #         generated = 5 tokens in 3 blocks. The 2 free blocks cannot hold them.
+        [4, 0, 0, 4, 0],
+        # step 3: A needs a block and takes one (5 tokens); the 1 free block cannot hold B's 3.
+        #         A samples its last token and leaves.
         [5, 1, 0, 2, 0],
-        # step 4: A reaches 6 and leaves; B is readmitted (4 tokens, 2 full blocks).
-        [4, 0, 0, 0, 4],
-        # step 5: B grows to 5 in a third block.
+        # step 4: B is readmitted (5 tokens, 3 blocks), samples its last token and leaves.
         [5, 1, 0, 0, 2],
-        # step 6: B reaches 6 and leaves.
-        [0, 0, 0, 0, 8],
     ]
-    assert result.num_running.tolist() == [2, 2, 2, 1, 1, 1, 0]
-    assert result.num_waiting.tolist() == [0, 0, 0, 1, 0, 0, 0]
-    assert result.num_preemptions == 2
+    assert result.num_running.tolist() == [2, 2, 1, 1, 1]
+    assert result.num_waiting.tolist() == [0, 0, 1, 1, 0]
+    assert result.num_preemptions == 1
 
 
 def test_paged_preempts_the_last_admitted_and_requeues_it_at_the_front():
     # 4 blocks of 2 slots, all at t = 0: A = (2, 4, final 6), B = (1, 3, final 4), C = (1, 1, final 2),
-    # D = (2, 2, final 4). Every P + O - 1 is odd, so no request's last token would need a block.
-    # A request holding final - 1 tokens leaves at its next step without growing.
+    # D = (2, 2, final 4). A request leaves at the end of the step that samples its last token.
     cache = PagedKVCache(4, 2, max_seq_len=8)
     result = serve(cache, trace((2, 4), (1, 3), (1, 1), (2, 2)), step_duration=1.0)
     assert result.breakdowns.tolist() == [
         # step 0: all four admitted, one block each (A 2, B 1, C 1, D 2 tokens); B and C will
-        #         each fill the second slot of their block (reservation 2).
+        #         each fill the second slot of their block (reservation 2). C leaves.
         [6, 2, 0, 0, 0],
-        # step 1: A (2 tokens) needs a block, none is free: D, admitted last, is preempted (1)
-        #         -- not B, the oldest other request -- and waits at the front. A takes D's block
-        #         (3 tokens), B grows to 2, C holds 1 = final - 1 and leaves; D is readmitted in
-        #         C's block. Tokens 3 + 2 + 2, reservation 1 (A's second block).
-        [7, 1, 0, 0, 0],
-        # step 2: A grows to 4 in its second block. B (2 tokens) needs a block: D is preempted (2)
-        #         and waits; B takes its block (3 tokens). Tokens 4 + 3, reservation 1 (B).
-        [7, 1, 0, 0, 0],
-        # step 3: A (4 tokens) needs a block: B, the last running after it, is preempted (3) and
-        #         goes to the FRONT, before D: waiting = [B (3 tokens), D (2 tokens)]. A takes a
-        #         block (5 tokens, reservation 1). The free block (2 slots) cannot hold B's
-        #         2 blocks: external 2; D, which would fit, does not overtake B.
+        # step 1: A (2 tokens) needs a block and takes C's (3 tokens); B grows to 2 in its block.
+        #         D (2 tokens) needs a block, none is free: D, admitted last, preempts itself (1)
+        #         -- not B, the oldest other request -- and waits as a 3-token prompt (2 blocks);
+        #         its freed block (2 slots) cannot hold it: external 2.
         [5, 1, 0, 2, 0],
-        # step 4: A holds 5 = final - 1 and leaves. B (2 blocks, reservation 1) and D (1 block)
-        #         are admitted: tokens 3 + 2, one block free.
-        [5, 1, 0, 0, 2],
-        # step 5: B leaves (3 = final - 1); D takes a block, 3 tokens (reservation 1).
+        # step 2: A grows to 4 in its second block; B (2 tokens) needs a block and takes D's
+        #         (3 tokens). Tokens 4 + 3, reservation 1 (B). B leaves.
+        [7, 1, 0, 0, 0],
+        # step 3: A (4 tokens) takes a block (5 tokens, reservation 1); D still needs 2 blocks and
+        #         1 is free: external 2. A leaves.
+        [5, 1, 0, 2, 0],
+        # step 4: D is readmitted (3 tokens, 2 blocks, reservation 1), and leaves.
         [3, 1, 0, 0, 4],
-        # step 6: D leaves.
-        [0, 0, 0, 0, 8],
     ]
-    assert result.num_running.tolist() == [4, 3, 2, 1, 2, 1, 0]
-    assert result.num_waiting.tolist() == [0, 0, 1, 2, 0, 0, 0]
-    assert result.num_preemptions == 3
+    assert result.num_running.tolist() == [4, 2, 2, 1, 1]
+    assert result.num_waiting.tolist() == [0, 1, 1, 1, 0]
+    assert result.num_preemptions == 1
 
 
 def test_a_request_that_preempts_itself_goes_back_to_the_front():
-    # 3 blocks of 2 slots, all at t = 0: A = (2, 2, final 4), B = (2, 2, final 4), C = (1, 1, final 2).
+    # 3 blocks of 2 slots, all at t = 0: A = (2, 2, final 4), B = (2, 2, final 4), C = (1, 1, final 2),
+    # D = (1, 1, final 2).
     cache = PagedKVCache(3, 2, max_seq_len=8)
-    result = serve(cache, trace((2, 2), (2, 2), (1, 1)), step_duration=1.0)
+    result = serve(cache, trace((2, 2), (2, 2), (1, 1), (1, 1)), step_duration=1.0)
     assert result.breakdowns.tolist() == [
-        # step 0: one block each; C will fill the second slot of its block (reservation 1).
+        # step 0: A, B, C one block each (C will fill its second slot: reservation 1); D waits.
+        #         C leaves.
         [5, 1, 0, 0, 0],
-        # step 1: A (2 tokens) needs a block: C, admitted last, is preempted (1); A takes its block
-        #         (3 tokens). B (2 tokens) needs a block, none is free and no one runs after it:
-        #         B preempts itself (2) and goes to the FRONT: waiting = [B, C]. B is readmitted in
-        #         its freed block (2 tokens); C still waits. Tokens 3 + 2, reservation 1 (A).
-        [5, 1, 0, 0, 0],
-        # step 2: A leaves (3 = final - 1); B takes a block (3 tokens), C is admitted (1 token).
+        # step 1: A (2 tokens) takes C's block (3 tokens, reservation 1). B (2 tokens) needs a
+        #         block, none is free and no one runs after it: B preempts itself (1) and goes to
+        #         the FRONT: waiting = [B (3 tokens, 2 blocks), D]. The 1 free block cannot hold B,
+        #         and D, which would fit, does not overtake it: external 2. A leaves.
+        [3, 1, 0, 2, 0],
+        # step 2: B (2 blocks, reservation 1) and D (1 block, reservation 1) are admitted; both leave.
         [4, 2, 0, 0, 0],
-        # step 3: B and C leave.
-        [0, 0, 0, 0, 6],
     ]
-    assert result.num_running.tolist() == [3, 2, 2, 0]
-    assert result.num_waiting.tolist() == [0, 1, 0, 0]
-    assert result.num_preemptions == 2
+    assert result.num_running.tolist() == [3, 1, 2]
+    assert result.num_waiting.tolist() == [1, 2, 0]
+    assert result.num_preemptions == 1
 
 
 def test_last_token_needs_no_slot():
     # 2 blocks of 2: A = (2, 1) and B = (2, 1), both at t = 0, fill both blocks. Each has one
     # token to generate; that token is sampled and never stored, so it needs no third block and
-    # nobody is preempted: both leave at step 1.
+    # nobody is preempted: both leave at the end of step 0.
     result = serve(PagedKVCache(2, 2, max_seq_len=4), trace((2, 1), (2, 1)), step_duration=1.0)
-    assert result.breakdowns.tolist() == [[4, 0, 0, 0, 0], [0, 0, 0, 0, 4]]
-    assert result.num_running.tolist() == [2, 0]
+    assert result.breakdowns.tolist() == [[4, 0, 0, 0, 0]]
+    assert result.num_running.tolist() == [2]
     assert result.num_preemptions == 0
 
 
 def test_first_come_first_served_without_overtaking():
     # 16 slots, oracle reservations. A = (4, 4, final 8) takes [0, 8); B = (6, 4, final 10) needs an
     # aligned block of 16 and waits until A leaves; C = (1, 1, final 2) would fit now but waits
-    # behind B. A runs steps 0-3 and leaves at step 4; B takes [0, 10) and C [10, 12) at step 4.
-    # C leaves at step 5, B (6 tokens at step 4) after its 4 steps, at step 8.
+    # behind B. A runs steps 0-3 and leaves; B takes [0, 10) and C [10, 12) at step 4.
+    # C leaves after step 4, B (6 tokens at step 4) after its 4 steps, after step 7.
     cache = ContiguousKVCache(16, "oracle", max_seq_len=16)
     result = serve(cache, trace((4, 4), (6, 4), (1, 1)), step_duration=1.0)
-    assert result.num_running.tolist() == [1, 1, 1, 1, 2, 1, 1, 1, 0]
-    assert result.num_waiting.tolist() == [2, 2, 2, 2, 0, 0, 0, 0, 0]
+    assert result.num_running.tolist() == [1, 1, 1, 1, 2, 1, 1, 1]
+    assert result.num_waiting.tolist() == [2, 2, 2, 2, 0, 0, 0, 0]
 
 
 def test_paged_internal_fragmentation():
@@ -189,7 +176,7 @@ def test_paged_internal_fragmentation():
     # block, slot 5 will be filled (reservation) and slots 6 and 7 never (internal).
     cache = PagedKVCache(4, 4, max_seq_len=8)
     result = serve(cache, trace((5, 1)), step_duration=1.0)
-    assert result.breakdowns.tolist() == [[5, 1, 2, 0, 8], [0, 0, 0, 0, 16]]
+    assert result.breakdowns.tolist() == [[5, 1, 2, 0, 8]]
 
 
 def test_arrivals_map_to_steps():
@@ -197,7 +184,7 @@ def test_arrivals_map_to_steps():
     cache = make_cache("contiguous-oracle", 64, max_seq_len=16)
     requests = trace((1, 2), (1, 1), arrivals=(0.0, 2.5))
     result = serve(cache, requests, step_duration=1.0, measure_memory=False)
-    assert result.num_running.tolist() == [1, 1, 0, 1, 0]
+    assert result.num_running.tolist() == [1, 1, 0, 1]
     assert not result.breakdowns.any()
     # Stopping at the last arrival runs steps 0..3 only.
     result = serve(make_cache("paged", 64, 16), requests, step_duration=1.0, stop_at_last_arrival=True)
@@ -307,15 +294,15 @@ def test_batching_averages_until_the_last_arrival(tmp_path):
 
 
 def test_timeline_times_are_seconds():
-    # The hand trace of test_contiguous_max (4 steps) with 0.25 s steps: one row per step.
+    # The hand trace of test_contiguous_max (3 steps) with 0.25 s steps: one row per step.
     sizes = Sizes(kv_slots=16, max_seq_len=8)
     rows = timeline.one_run("contiguous-max", trace((2, 3), (3, 2), (1, 1)), sizes, 0.25)
-    assert [row["time_s"] for row in rows] == [0.0, 0.25, 0.5, 0.75]
-    assert [row["token_states"] for row in rows] == [31.25, 43.75, 31.25, 0.0]  # 5, 7, 5, 0 of 16
-    assert [row["running"] for row in rows] == [2, 2, 2, 0]
-    assert [row["memory_bound"] for row in rows] == [1.0, 1.0, 0.0, 0.0]  # C waits at steps 0-1
-    # One request of 1 + 1199 tokens: admitted at step 0, leaves at step 1199, 1200 steps in bins
-    # of ceil(1200 / 500) = 3 steps, i.e. 0.12 s apart; the last bin starts at step 1197.
+    assert [row["time_s"] for row in rows] == [0.0, 0.25, 0.5]
+    assert [row["token_states"] for row in rows] == [31.25, 43.75, 31.25]  # 5, 7, 5 of 16
+    assert [row["running"] for row in rows] == [2, 2, 2]
+    assert [row["memory_bound"] for row in rows] == [1.0, 1.0, 0.0]  # C waits at steps 0-1
+    # One request of 1 + 1199 tokens: admitted at step 0, leaves after step 1198, 1199 steps in
+    # bins of ceil(1199 / 500) = 3 steps, i.e. 0.12 s apart; the last bin starts at step 1197.
     rows = timeline.one_run("paged", [Request(0, 0.0, 1, 1199)], Sizes(kv_slots=2048), 0.04)
     times = [row["time_s"] for row in rows]
     assert len(times) == 400

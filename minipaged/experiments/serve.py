@@ -1,28 +1,29 @@
-"""The serving loop every experiment runs: continuous batching over a real KV cache, with the
+"""The memory charts' serving loop: the engine's own scheduler over a real KV cache, with the
 model replaced by known output lengths (paper §4.5 scheduling, §6.1 baselines).
 
-Time advances in *steps* (iterations of the model). One step:
+There is one scheduler (``minipaged.engine.scheduler``): the engine runs it with a transformer,
+the charts with ``StandInRunner``, which "generates" a token for every request that samples, so
+a request of prompt P and output O (``max_tokens=O``, EOS ignored) holds exactly the memory a
+real one would. Time advances in *steps* (iterations of the model). One step:
 
 1. Requests whose arrival time has come join the back of the waiting queue (time of step
    k = k * step_duration seconds; the step duration is the one mapping from steps to seconds).
-2. Every running request grows by one token (``append_slots``). A request whose next token
-   is its last (it holds prompt + output - 1 tokens) leaves instead and frees its memory: its
-   last token is sampled but never fed back to the model, so its KV is never stored (and the
-   growth cannot preempt anyone).
-3. First come, first served: while the request at the head of the waiting queue fits
-   (``can_allocate(prompt_len, final_len)``), it is allocated and starts running (its prefill).
-   Nothing overtakes the head, even if it would fit.
-4. The cache's memory breakdown is sampled (``memory_breakdown(next_request=head of the
-   waiting queue)``), with the number of running and waiting requests. A request admitted in
-   this step counts with its prompt only: the state while the step's model pass runs. A
-   request is thus sampled holding P, P+1, ..., P+O-1 tokens: it runs for O steps.
+2. The scheduler plans the step: every running request grows by one token (``append_slots``),
+   preempting the newest running request when the cache has no room, then waiting requests are
+   admitted first come, first served while they fit (``can_allocate``); nothing overtakes the
+   head. The charts give the step no token budget (no chunked prefill) and no admission
+   watermark.
+3. The cache's memory breakdown is sampled (``memory_breakdown(next_request=head of the waiting
+   queue)``) with the numbers of running and waiting requests: the state while the step's model
+   pass runs. A request admitted in this step counts with its prompt only, so a request is
+   sampled holding P, P+1, ..., P+O-1 tokens: it runs for O steps. Its last token is sampled
+   but never fed back, so its K/V is never stored; the request leaves at the end of that step.
 
 The contiguous cache reserves each request's slab up front, so a running request can always
 grow. The paged cache allocates a block only when the previous one is full, so a running
 request can find no free block; then, as vLLM does (§4.5, recomputation), the most recently
 admitted running request is preempted: its blocks are freed and it goes back to the FRONT of
-the waiting queue, to be recomputed later as a prompt of its original prompt plus the tokens
-it had generated, with the same final length. Preemptions are counted.
+the waiting queue, to be prefilled again later from every token it had (prompt + generated).
 
 The cache tensors are tiny (one layer, one head of dimension one) so a run is pure bookkeeping:
 thousands of requests take seconds on a CPU.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from minipaged.engine import LLMEngine, SamplingParams, StandInRunner
 from minipaged.experiments.paper import DEFAULT_BLOCK_SIZE, STEP_DURATION
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
 from minipaged.workloads import MAX_SEQ_LEN, Request
@@ -58,14 +60,6 @@ def make_cache(
     if system.startswith("contiguous-"):
         return ContiguousKVCache(num_slots, system.removeprefix("contiguous-"), max_seq_len=max_seq_len)
     raise ValueError(f"unknown system {system!r}; allowed: {', '.join(SYSTEMS)}")
-
-
-@dataclass
-class Job:
-    """A request in the server: `prompt_len` grows when it is preempted and must be recomputed."""
-
-    request: Request
-    prompt_len: int
 
 
 @dataclass
@@ -108,48 +102,20 @@ def serve(
     longest = max((r.final_len for r in requests), default=0)
     if longest > cache.capacity:
         raise ValueError(f"a request of {longest} tokens can never fit in a KV space of {cache.capacity} slots")
+    engine = LLMEngine(cache, StandInRunner(), max_num_seqs=max(len(requests), 1),
+                       max_num_batched_tokens=cache.capacity, measure_memory=measure_memory)
     pending = deque(sorted(requests, key=lambda r: r.arrival_time))
-    waiting: deque[Job] = deque()
-    running: deque[Job] = deque()  # in order of admission
     samples: list[tuple[int, ...]] = []
-    num_preemptions = 0
     step = 0
-    while pending or waiting or running:
+    while pending or engine.has_unfinished():
         while pending and pending[0].arrival_time <= step * step_duration:
             request = pending.popleft()
-            waiting.append(Job(request, request.prompt_len))
-
-        # Decode: every running request grows by one token, in admission order.
-        still_running: deque[Job] = deque()
-        while running:
-            job = running.popleft()
-            seq_id = job.request.request_id
-            if cache.num_tokens(seq_id) + 1 == job.request.final_len:  # its last token: done
-                cache.free(seq_id)
-                continue
-            while not cache.can_append(seq_id) and running:
-                num_preemptions += 1
-                waiting.appendleft(preempt(cache, running.pop()))
-            if not cache.can_append(seq_id):  # no one else left to preempt: preempt itself
-                num_preemptions += 1
-                waiting.appendleft(preempt(cache, job))
-                continue
-            cache.append_slots(seq_id)
-            still_running.append(job)
-        running = still_running
-
-        # Admission, first come first served.
-        while waiting and cache.can_allocate(waiting[0].prompt_len, waiting[0].request.final_len):
-            job = waiting.popleft()
-            cache.allocate(job.request.request_id, job.prompt_len, job.request.final_len)
-            running.append(job)
-
-        if measure_memory:
-            head = (waiting[0].prompt_len, waiting[0].request.final_len) if waiting else None
-            breakdown = cache.memory_breakdown(next_request=head)
-            samples.append((*(getattr(breakdown, name) for name in CATEGORIES), len(running), len(waiting)))
-        else:
-            samples.append((*(0 for _ in CATEGORIES), len(running), len(waiting)))
+            params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
+            engine.add(engine.make_sequence([0] * request.prompt_len, params, seq_id=request.request_id))
+        _, record = engine.step()
+        breakdown = record.breakdown
+        counts = [0] * len(CATEGORIES) if breakdown is None else [getattr(breakdown, name) for name in CATEGORIES]
+        samples.append((*counts, record.num_running, record.num_waiting))
         step += 1
         if stop_at_last_arrival and not pending:
             break
@@ -159,13 +125,5 @@ def serve(
         breakdowns=table[:, : len(CATEGORIES)],
         num_running=table[:, -2],
         num_waiting=table[:, -1],
-        num_preemptions=num_preemptions,
+        num_preemptions=engine.scheduler.num_preemptions,
     )
-
-
-def preempt(cache: KVCache, job: Job) -> Job:
-    """Free a running request's memory; it will be recomputed from all the tokens it holds."""
-    seq_id = job.request.request_id
-    num_tokens = cache.num_tokens(seq_id)
-    cache.free(seq_id)
-    return Job(job.request, num_tokens)
