@@ -127,7 +127,7 @@ def rotary_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
         inv_freq, attention_scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(hf_config)  # [D/2]
     else:
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)  # [D/2]
-    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=inv_freq.device)
     angles = positions[:, None] * inv_freq.float()[None, :]  # [P, D/2]
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 

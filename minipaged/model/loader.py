@@ -133,9 +133,11 @@ def cached_builtin(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         dequantize_gguf(gguf, staging)
-        if target.exists():  # incomplete (files removed or cut short): replace it
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if is_complete(target):  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy (files removed or cut short)
+            os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
