@@ -1,0 +1,201 @@
+"""The engine end to end on a real transformer: greedy output equals transformers' ``generate``
+token for token, on both caches, with chunked prefill, under preemption by recompute and by
+swap; seeded sampling does not depend on the batch; bad input is refused before anything is
+allocated, and the same LLM serves the next call."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from minipaged import LLM, SamplingParams
+from minipaged.model import random_model
+
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=128)
+CONFIGS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa-llama3-rope": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=32)),
+}
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 31, 2, 90, 4, 4, 1], [50, 51]]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels_on_the_cpu(request, monkeypatch):
+    """On a CPU the engine runs the PyTorch references of the kernels (what ``minipaged.ops`` does
+    without ``TRITON_INTERPRET=1``): the interpreter is ~60x slower, and test_ops.py already checks
+    the Triton kernels against the references. Tests marked ``triton`` keep the interpreter."""
+    if "triton" not in request.keywords:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def hf_model_for(name: str):
+    return random_model(LlamaConfig(**BASE, **CONFIGS[name]), seed=1, device="cpu", dtype=torch.float32)[1]
+
+
+def hf_greedy(hf_model, prompt: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
+    ids = torch.tensor([prompt], device=hf_model.device)
+    out = hf_model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def llm(hf_model, kv_cache="paged", **kw) -> LLM:
+    kw = dict(block_size=4, num_blocks=64, device="cpu", dtype=torch.float32) | kw
+    return LLM(hf_model, kv_cache, **kw)
+
+
+def generated(engine: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in engine.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])
+def test_greedy_output_equals_transformers(config, kv_cache):
+    hf_model = hf_model_for(config)
+    engine = llm(hf_model, kv_cache, reservation="oracle")
+    assert generated(engine) == [hf_greedy(hf_model, p) for p in PROMPTS]
+    assert engine.cache.seq_ids == []
+
+
+@pytest.mark.triton
+def test_greedy_output_equals_transformers_through_the_triton_kernels(gqa):
+    hf_model, expected = gqa
+    assert generated(llm(hf_model, max_num_batched_tokens=9)) == expected  # prefill, chunks and decode
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    hf_model = hf_model_for("gqa-tied")
+    return hf_model, [hf_greedy(hf_model, p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("setting", [
+    dict(max_num_batched_tokens=5),  # long prompts prefilled in chunks of the step's budget
+    dict(num_blocks=9),  # 36 slots for 4 requests of up to 28 tokens: preempted by recompute
+    dict(num_blocks=9, preemption_mode="swap", num_cpu_blocks=32),
+    dict(num_blocks=9, max_num_batched_tokens=3),
+    dict(max_num_seqs=1),
+], ids=["chunked", "recompute", "swap", "recompute-chunked", "one-at-a-time"])
+def test_scheduling_never_changes_the_output(gqa, setting):
+    hf_model, expected = gqa
+    engine = llm(hf_model, **setting)
+    assert generated(engine) == expected
+    if "num_blocks" in setting and "max_num_seqs" not in setting:
+        assert engine.stats.num_preemptions > 0
+    assert engine.cache.seq_ids == [] and engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_contiguous_reservations_serve_the_same_tokens(gqa):
+    hf_model, expected = gqa
+    for reservation in ("max", "pow2", "oracle"):
+        assert generated(llm(hf_model, "contiguous", reservation=reservation, num_blocks=128)) == expected
+
+
+def test_seeded_samples_do_not_depend_on_the_batch_or_the_cache(gqa):
+    hf_model, _ = gqa
+    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=s, ignore_eos=True)
+              for s in range(len(PROMPTS))]
+    together = generated(llm(hf_model), PROMPTS, params)
+    alone = [generated(llm(hf_model), [p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+    contiguous = generated(llm(hf_model, "contiguous", reservation="oracle", num_blocks=9), PROMPTS, params)
+    assert together == alone == contiguous
+    assert together != generated(llm(hf_model), PROMPTS, GREEDY)
+
+
+def test_stop_tokens_and_lengths(gqa):
+    hf_model, expected = gqa
+    stop = expected[0][3]
+    out = llm(hf_model).generate(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop]),
+                                 use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == expected[0][: expected[0].index(stop) + 1] and out.finish_reason == "stop"
+    out = llm(hf_model).generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == expected[0][:3] and out.outputs[0].finish_reason == "length"
+    assert out.prompt_token_ids == PROMPTS[0]
+    # The model's length is a hard stop too: 128 positions, a prompt of 120 tokens.
+    long = llm(hf_model).generate([1] * 120, SamplingParams(max_tokens=50, temperature=0), use_tqdm=False)
+    assert len(long[0].outputs[0].token_ids) == 8 and long[0].outputs[0].finish_reason == "length"
+
+
+def test_the_cumulative_logprob_is_the_sum_of_the_models_logprobs(gqa):
+    hf_model, expected = gqa
+    out = llm(hf_model).generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0]
+    ids = torch.tensor([PROMPTS[0] + expected[0]])
+    with torch.no_grad():
+        logprobs = hf_model(ids).logits[0].log_softmax(-1)
+    positions = range(len(PROMPTS[0]) - 1, ids.shape[1] - 1)
+    total = sum(logprobs[p, ids[0, p + 1]].item() for p in positions)
+    assert out.cumulative_logprob == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize("prompts, params, match", [
+    ([[1] * 128], GREEDY, "max_model_len"),
+    ([[]], GREEDY, "at least one token"),
+    ([[1, 2], [3]], [GREEDY], "one each"),
+    ([[1, 500]], GREEDY, r"\[0, 97\)"),
+    ("text", GREEDY, "no tokenizer"),
+])
+def test_bad_requests_are_refused_and_the_engine_serves_the_next_call(gqa, prompts, params, match):
+    hf_model, expected = gqa
+    engine = llm(hf_model)
+    with pytest.raises(ValueError, match=match):
+        engine.generate([PROMPTS[0], *prompts] if isinstance(prompts, list) else prompts, params, use_tqdm=False)
+    assert engine.cache.seq_ids == [] and not engine.engine.has_unfinished()
+    assert generated(engine, PROMPTS[:1]) == expected[:1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(n=0), "n must"),
+    (dict(seed=-1), "seed"),
+])
+def test_bad_sampling_params_say_what_is_allowed(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kv_cache="virtual"), "kv_cache must be one of"),
+    (dict(reservation="half"), "reservation must be one of"),
+    (dict(preemption_mode="drop"), "preemption_mode must be one of"),
+    (dict(preemption_mode="swap"), "num_cpu_blocks"),
+    (dict(num_blocks=1), "blocks"),  # a pool too small for one request of the model's length
+    (dict(max_num_seqs=0), "max_num_seqs"),
+])
+def test_bad_engine_arguments_say_what_is_allowed(gqa, kwargs, match):
+    hf_model, _ = gqa
+    kv_cache = kwargs.pop("kv_cache", "paged")
+    with pytest.raises(ValueError, match=match):
+        engine = llm(hf_model, kv_cache, **kwargs)
+        engine.generate(PROMPTS[0], SamplingParams(max_tokens=100), use_tqdm=False)
+
+
+def test_an_unknown_model_name_lists_the_built_in_ones():
+    with pytest.raises(ValueError, match="smollm2-135m"):
+        LLM("no-such-model", device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_cache, setting", [
+    ("paged", {}),
+    ("contiguous", dict(reservation="oracle")),
+    ("paged", dict(num_blocks=9)),  # preempted by recompute
+    ("paged", dict(num_blocks=9, preemption_mode="swap", num_cpu_blocks=32)),
+], ids=["paged", "contiguous", "recompute", "swap"])
+def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache, setting):
+    hf_model = random_model(LlamaConfig(**BASE, **CONFIGS["gqa-tied"]), seed=1, device="cuda",
+                            dtype=torch.float32)[1]
+    expected = [hf_greedy(hf_model, p) for p in PROMPTS]
+    engine = llm(hf_model, kv_cache, device="cuda", max_num_seqs=8, **setting)
+    assert engine.engine.runner.graphs  # decode steps replay CUDA graphs
+    assert generated(engine) == expected
