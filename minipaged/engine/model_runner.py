@@ -12,7 +12,7 @@ step yields its next token, and samples.
 
 **CUDA graphs.** A small model's decode step is hundreds of tiny kernel launches: launched from
 Python one by one, the GPU waits on the host. So on a GPU, decode steps are captured once per
-batch size (bucketed: 1, 2, 4, 8, 16, 24, 32, ... up to ``max_num_seqs``) into CUDA graphs that
+batch size (bucketed: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to ``max_num_seqs``) into CUDA graphs that
 read their inputs from static buffers; a step copies its inputs into the buffers (padding rows:
 slot -1, which ``write_to_cache`` skips, and a context of one token) and replays the graph.
 The graph's kernels are sized for ``max_model_len`` tokens of context (their grid cannot change
@@ -34,9 +34,13 @@ from minipaged.ops import AttentionMetadata
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """The batch sizes decode graphs are captured for: 1, 2, 4, 8, then every 8 (vLLM's buckets)."""
-    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
-    return [*sizes, max_num_seqs]
+    """The batch sizes decode graphs are captured for: 1, 2, 4, 8, 16, 24, 32, then every 16.
+
+    A decode step of ``b`` sequences replays the smallest graph of at least ``b`` rows: the
+    padding rows cost a little compute, far less than launching every kernel from Python.
+    """
+    sizes = [1, 2, 4, 8, 16, 24, 32, *range(48, max_num_seqs, 16)]
+    return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
 
 
 class ModelRunner:
@@ -93,6 +97,7 @@ class ModelRunner:
         )
 
     # -- CUDA graphs -----------------------------------------------------------------------
+    @torch.inference_mode()
     def _capture(self, max_num_seqs: int) -> None:
         """Capture one decode graph per bucket, largest first, all sharing one memory pool."""
         cache, device, n = self.cache, self.device, max_num_seqs
