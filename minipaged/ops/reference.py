@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from minipaged.ops.metadata import AttentionMetadata
+
 
 def _slots(cache: Tensor) -> Tensor:
     """View a ``[num_blocks, block_size, H_kv, D]`` cache as ``[num_slots, H_kv, D]``."""
@@ -159,3 +161,23 @@ def paged_prefill_attention(
         keys, values = _gather_sequence(k_cache, v_cache, block_tables[seq], length)
         out[first:last] = _attend(q[first:last], keys, values, scale, length - (last - first))
     return out
+
+
+def attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, metadata: AttentionMetadata, *, scale: float | None = None
+) -> Tensor:
+    """One step's new tokens over their context, for either cache (``ops.attention``).
+
+    A contiguous arena ``[num_slots, H_kv, D]`` is a pool of one-slot blocks, and a slab is the
+    run of blocks ``starts[s], starts[s] + 1, ...``: so the paged specifications serve both caches.
+    """
+    tables = metadata.block_tables
+    if tables is None:
+        k_cache, v_cache = k_cache.unsqueeze(1), v_cache.unsqueeze(1)  # [num_slots, 1, H_kv, D]
+        positions = torch.arange(metadata.max_context_len, device=q.device, dtype=torch.int32)
+        tables = metadata.starts[:, None] + positions  # [S, max_context_len]
+    if metadata.is_decode:
+        return paged_decode_attention(q, k_cache, v_cache, tables, metadata.context_lens, scale=scale)
+    return paged_prefill_attention(
+        q, k_cache, v_cache, tables, metadata.context_lens, metadata.query_start_loc, scale=scale
+    )

@@ -275,10 +275,10 @@ def attention(
     k_cache: Tensor,
     v_cache: Tensor,
     *,
-    block_tables: Tensor | None,
-    starts: Tensor | None,
+    block_tables: Tensor | None = None,
+    starts: Tensor | None = None,
     context_lens: Tensor,
-    query_start_loc: Tensor | None,
+    query_start_loc: Tensor | None = None,
     max_context_len: int,
     max_query_len: int = 1,
     scale: float,
@@ -288,7 +288,7 @@ def attention(
 ) -> Tensor:
     """Launch the kernel. Paged when ``block_tables`` is given (``k_cache [blocks, block_size,
     H_kv, D]``), contiguous otherwise (``k_cache [slots, H_kv, D]`` and ``starts``); decode when
-    ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.dispatch``).
+    ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.checks``).
     The head dimension of the caches must be contiguous and the batch non-empty.
     ``partition_size`` and ``config`` override the heuristics; ``out`` (contiguous, like ``q``)
     receives the result.
