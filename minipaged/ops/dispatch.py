@@ -10,8 +10,8 @@ Every public function takes the same three steps, each done in one place:
    plain-PyTorch reference in ``reference.py``. The choice is logged at debug level;
 3. call it.
 
-``swap_blocks`` has nothing to choose: a swap is a transfer, with one implementation on every
-device.
+``swap_blocks`` has nothing to choose: a swap is a transfer, with one implementation
+(``swap.py``) on every device.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from minipaged.ops import reference, triton_attention, triton_cache
+from minipaged.ops import reference, swap, triton_attention, triton_cache
 from minipaged.ops.checks import (
     check_attention,
     check_contiguous_decode_attention,
@@ -100,7 +100,7 @@ def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
     """Move blocks between caches on any two devices: gather, one transfer, scatter (§4.5)."""
     src, dst, mapping = check_swap_blocks(src, dst, block_mapping)
     logger.debug("swap_blocks: torch (gather, one transfer, scatter)")
-    reference.swap_blocks(src, dst, mapping)
+    swap.swap_blocks(src, dst, mapping)
 
 
 def paged_decode_attention(
