@@ -23,6 +23,7 @@ if not HAS_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -62,7 +63,7 @@ def random_paged(
     num_blocks: int | None = None,
 ):
     """Caches, block tables whose entries repeat across sequences, lengths with one at max."""
-    width = -(-max_len // block_size)
+    width = triton.cdiv(max_len, block_size)
     num_blocks = num_blocks or max(2, width * num_seqs // 2)  # fewer blocks than entries: repeats
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=generator).to(dtype)
