@@ -126,6 +126,7 @@ def _check_bound(context_lens: Tensor, max_context_len: int | None) -> None:
 def _check_paged(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, decode: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What paged decode and prefill share; in decode, ``q`` has one row per sequence."""
     q_, k, v = check_qkv(q, k_cache, v_cache, cache_ndim=4)
     num_seqs = q_.shape[0] if decode else -1
     tables = check_index(block_tables, "block_tables", (num_seqs, -1), q_.device)
@@ -157,13 +158,8 @@ def check_write_to_cache(
     key_, value_ = check_cache_pair(key, value, 3, ("key", "value"))
     k, v = check_cache_pair(k_cache, v_cache, 4, ("k_cache", "v_cache"))
     require(key_.device == k.device, "key", "on {}, but k_cache is on {}", key_.device, k.device)
-    require(
-        key_.shape[1:] == k.shape[2:],
-        "key",
-        "rows {} differ from k_cache's {}",
-        tuple(key_.shape[1:]),
-        tuple(k.shape[2:]),
-    )
+    rows, cache_rows = tuple(key_.shape[1:]), tuple(k.shape[2:])  # [H_kv, D] per token
+    require(rows == cache_rows, "key", "rows {} differ from k_cache's {}", rows, cache_rows)
     slots = check_index(slot_mapping, "slot_mapping", (key_.shape[0],), k.device)
     if on_host(slot_mapping):
         check_range(slot_mapping, "slot_mapping", k.shape[0] * k.shape[1], "slots", allow_minus_one=True)
@@ -188,13 +184,8 @@ def check_swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> tuple[
     value is checked)."""
     src_ = check_tensor(src, "src", 4, FLOAT_DTYPES)
     dst_ = check_tensor(dst, "dst", 4, FLOAT_DTYPES)
-    require(
-        dst_.shape[1:] == src_.shape[1:],
-        "dst",
-        "blocks of shape {}, src has {}",
-        tuple(dst_.shape[1:]),
-        tuple(src_.shape[1:]),
-    )
+    dst_block, src_block = tuple(dst_.shape[1:]), tuple(src_.shape[1:])  # [block_size, H_kv, D]
+    require(dst_block == src_block, "dst", "blocks of shape {}, src has {}", dst_block, src_block)
     require(dst_.dtype == src_.dtype, "dst", "dtype {} differs from src's {}", dst_.dtype, src_.dtype)
     device = block_mapping.device if isinstance(block_mapping, Tensor) else torch.device("cpu")
     mapping = check_index(block_mapping, "block_mapping", (-1, 2), device).cpu()
