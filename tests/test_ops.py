@@ -23,11 +23,12 @@ if not HAS_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import minipaged.ops as ops  # noqa: E402
-from minipaged.ops import reference, triton_attention  # noqa: E402
+from minipaged.ops import checks, reference, triton_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -62,7 +63,7 @@ def random_paged(
     num_blocks: int | None = None,
 ):
     """Caches, block tables whose entries repeat across sequences, lengths with one at max."""
-    width = -(-max_len // block_size)
+    width = triton.cdiv(max_len, block_size)
     num_blocks = num_blocks or max(2, width * num_seqs // 2)  # fewer blocks than entries: repeats
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=generator).to(dtype)
@@ -190,6 +191,41 @@ def test_prefill_of_one_token_equals_decode():
     prefill = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens, query_start_loc)
     decode = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens)
     assert rel_error(prefill, decode.double()) < 1e-6
+
+
+def step_metadata(lens: torch.Tensor, num_new: list[int], block_tables=None, starts=None) -> ops.AttentionMetadata:
+    """What a cache would hand ``ops.attention`` for one step (the slots are not read by attention)."""
+    decode = num_new == [1] * len(num_new)
+    query_start_loc = torch.tensor([0, *num_new], dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    return ops.AttentionMetadata(
+        slot_mapping=torch.zeros(sum(num_new), dtype=torch.int64, device=DEVICE),
+        context_lens=lens,
+        query_start_loc=None if decode else query_start_loc,
+        block_tables=block_tables,
+        starts=starts,
+        max_context_len=int(lens.max()),
+        max_query_len=max(num_new),
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("num_new", [[1, 1, 1], [3, 1, 5]], ids=["decode", "prefill"])
+def test_attention_over_metadata_matches_its_reference(num_new):
+    """``ops.attention`` runs the kernel for both caches, and matches its reference, which reads the
+    contiguous arena as a pool of one-slot blocks: exactly the slab reference's result in decode."""
+    gen = torch.Generator().manual_seed(14)
+    k, v, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen, num_blocks=24)
+    arena_k, arena_v = k.flatten(0, 1), v.flatten(0, 1)
+    starts = torch.tensor([0, 60, 120], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(num_new), 4, 64, generator=gen).to(DEVICE)
+    paged = step_metadata(lens, num_new, block_tables=tables)
+    contiguous = step_metadata(lens, num_new, starts=starts)
+    for caches, metadata in [((k, v), paged), ((arena_k, arena_v), contiguous)]:
+        want = reference.attention(q.cpu().double(), *(c.cpu().double() for c in caches), metadata, scale=0.3)
+        assert rel_error(ops.attention(q, *caches, metadata, scale=0.3), want) < 1e-5
+    if contiguous.is_decode:  # the arena read as one-slot blocks is exactly the slab reference
+        spec = reference.attention(q, arena_k, arena_v, contiguous, scale=0.3)
+        assert torch.equal(spec, reference.contiguous_decode_attention(q, arena_k, arena_v, starts, lens, scale=0.3))
 
 
 @needs_triton
@@ -382,6 +418,46 @@ def test_fallback_to_reference_is_logged(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
         ops.paged_decode_attention(**double)
     assert "reference (float64" in caplog.text
+
+
+def test_every_op_logs_the_one_backend_choice(monkeypatch, caplog):
+    """Each public op goes through the same choice, and says which backend ran and why."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = _decode_args()
+    k, v = args["k_cache"], args["v_cache"]
+    lens = args["context_lens"]
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        ops.paged_decode_attention(**args)
+        ops.contiguous_decode_attention(args["q"], k[0], v[0], torch.tensor([0, 8]), torch.tensor([5, 7]))
+        ops.paged_prefill_attention(args["q"], k, v, args["block_tables"], lens, torch.tensor([0, 1, 2]))
+        ops.attention(args["q"], k, v, step_metadata(lens, [1, 1], block_tables=args["block_tables"]))
+        ops.write_to_cache(torch.randn(1, 2, 64), torch.randn(1, 2, 64), k, v, torch.tensor([3]))
+        ops.copy_blocks([k], [v], torch.tensor([[0, 1]]))
+        ops.swap_blocks(k, torch.zeros_like(k), torch.tensor([[0, 1]]))
+    why = "reference (cpu tensors without TRITON_INTERPRET=1)"
+    for op in ("paged_decode_attention", "contiguous_decode_attention", "paged_prefill_attention",
+               "attention (paged, decode)", "write_to_cache", "copy_blocks"):  # fmt: skip
+        assert f"{op}: {why}" in caplog.text
+    assert "swap_blocks: torch (gather, one transfer, scatter)" in caplog.text  # one implementation
+
+
+def test_attention_checks_read_no_index_values():
+    """``ops.attention`` checks shapes only: its index tensors may hold no data at all (the meta
+    device), so on a GPU the check never waits for the GPU and a CUDA graph can capture it."""
+    meta = torch.device("meta")
+    metadata = ops.AttentionMetadata(
+        slot_mapping=torch.empty(5, dtype=torch.int64, device=meta),
+        context_lens=torch.empty(2, dtype=torch.int32, device=meta),
+        query_start_loc=torch.empty(3, dtype=torch.int32, device=meta),
+        block_tables=torch.empty(2, 3, dtype=torch.int32, device=meta),
+        starts=None,
+        max_context_len=40,
+        max_query_len=4,
+    )
+    q, k_cache = torch.zeros(5, 4, 64), torch.zeros(4, 16, 2, 64)
+    checks.check_attention(q, k_cache, k_cache.clone(), metadata)
+    with pytest.raises(ValueError, match="^q: has 4 tokens, metadata.slot_mapping 5"):
+        checks.check_attention(q[:4], k_cache, k_cache.clone(), metadata)
 
 
 # --- GPU only ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Decode-attention kernels against the memory-bandwidth floor (paper §7.1, Fig. 18a).
 
-Decode attention reads every cached key and value once and does ~2 FLOPs per byte, so its
-floor is ``K+V bytes / memory bandwidth``. This benchmark times, on the same data:
+Decode attention reads every cached key and value once and does only a few FLOPs per byte (4
+for Llama-3-8B, whose 4 query heads share each KV head; notes/kernels.md), far below what the
+GPU could compute per byte, so its floor is ``K+V bytes / memory bandwidth``. This benchmark
+times, on the same data:
 
 * ``paged``: ``minipaged.ops.paged_decode_attention`` through random block tables;
 * ``contiguous``: the same Triton kernel reading one slab per sequence;
@@ -10,9 +12,13 @@ floor is ``K+V bytes / memory bandwidth``. This benchmark times, on the same dat
 * ``flex_paged``: FlexAttention's paged attention
   (``torch.nn.attention.experimental._paged_attention``), compiled, on a subset of shapes;
 
-and reports latency (median over CUDA-event-timed runs, L2 flushed before each by
-``triton.testing.do_bench``) and achieved bandwidth (K+V bytes actually needed / time) next
-to the device-to-device copy bandwidth measured in the same run (bytes read + written).
+and reports latency and achieved bandwidth (K+V bytes actually needed / time). On a GPU each
+call is captured in a CUDA graph and replayed 60 times, each replay after an L2 flush (a 256 MB
+buffer rewritten), with CUDA events around the replay only; latency is the median
+(``cuda_graph_timer``), so it is device time, and the CPU time to issue a call is reported
+apart (``host_us``). Next to it stands the device-to-device copy bandwidth (bytes read +
+written) measured in the same run with ``triton.testing.do_bench``. On a CPU (``--quick``)
+calls are timed by the wall clock, median of 3.
 
     python -m minipaged.experiments.kernel_bench --out DIR           # on a GPU
     python -m minipaged.experiments.kernel_bench --out DIR --quick   # tiny smoke run, any device
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch import Tensor
 
 from minipaged.ops import contiguous_decode_attention, paged_decode_attention
@@ -169,7 +177,7 @@ def flex_paged_fn(q: Tensor, keys: Tensor, values: Tensor, lens: Tensor, block_s
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, max_len = keys.shape[0], keys.shape[2]
-    pages_per_seq = -(-max_len // block_size)
+    pages_per_seq = triton.cdiv(max_len, block_size)
     n_pages = batch * pages_per_seq
     device = q.device
     paging = PagedAttention(n_pages, block_size, batch, device=str(device))
@@ -216,9 +224,9 @@ def bench_shape(
     v_arena = values.transpose(1, 2)[valid.to(device)].contiguous()
 
     # Paged pool: each sequence's blocks at random places in a pool with no spare blocks.
-    blocks_per_seq = -(-lens // bs)
+    blocks_per_seq = triton.cdiv(lens, bs)
     num_blocks = int(blocks_per_seq.sum())
-    width = -(-shape.context // bs)
+    width = triton.cdiv(shape.context, bs)
     perm = torch.randperm(num_blocks, generator=generator).to(torch.int32)
     tables = torch.zeros(batch, width, dtype=torch.int32)
     table_valid = torch.arange(width)[None, :] < blocks_per_seq[:, None]
@@ -245,7 +253,7 @@ def bench_shape(
     if shape.flex:
         try:
             fns["flex_paged"] = flex_paged_fn(q, keys, values, lens_d, bs)
-        except Exception as error:  # noqa: BLE001 - record why the peer could not run
+        except Exception as error:  # record why the peer could not run
             notes["flex_paged"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
     expected = fns["sdpa"]().squeeze(2).float()
@@ -262,7 +270,7 @@ def bench_shape(
                 seconds = timer(fns[method])
                 host_us = host_overhead(fns[method]) * 1e6 if device.type == "cuda" else float("nan")
                 note = ""
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # a failing method gets a row that says why
                 seconds, rel_err, host_us = float("nan"), float("nan"), float("nan")
                 note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append(
@@ -303,7 +311,7 @@ def plot(rows: list[Row], out_dir: Path, copy_tbps: float, device_name: str) -> 
                 and r.batch == batch
                 and r.lengths == "uniform"
                 and r.block_size == 16
-                and r.bandwidth_tbps == r.bandwidth_tbps
+                and not math.isnan(r.bandwidth_tbps)
             )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=method)
@@ -428,7 +436,7 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
                 )
                 try:
                     seconds = timer(fn)
-                except Exception as error:  # noqa: BLE001 - e.g. a tile too large for shared memory
+                except Exception as error:  # e.g. a tile too large for shared memory
                     print(f"  {layout} {name} failed: {type(error).__name__}", flush=True)
                     continue
                 results.append((batch, context, bs, layout, name, seconds * 1e6, kv_bytes / seconds / 1e12))

@@ -1,8 +1,10 @@
 """Attention and cache kernels of PagedAttention (Kwon et al., SOSP 2023), §4.1 and §5.1.
 
-Each public function checks its arguments, then runs a Triton kernel when the tensors are on
-a GPU (or on a CPU under ``TRITON_INTERPRET=1``) and otherwise the plain-PyTorch reference in
-``minipaged.ops.reference``. Which one ran is logged at debug level on ``minipaged.ops``.
+Each public function checks its arguments (``checks``), then runs a Triton kernel when the
+tensors are on a GPU (or on a CPU under ``TRITON_INTERPRET=1``) and otherwise the plain-PyTorch
+reference in ``minipaged.ops.reference`` (``dispatch``). Which one ran is logged at debug level
+on ``minipaged.ops``. ``swap_blocks``, a transfer rather than a kernel, has one implementation
+(``minipaged.ops.swap``).
 """
 
 from minipaged.ops.dispatch import (

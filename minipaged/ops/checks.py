@@ -1,4 +1,7 @@
-"""Argument checks shared by the public ops: every error is a ``ValueError`` naming the argument.
+"""Every argument check of ``minipaged.ops``: each error is a ``ValueError`` naming the argument.
+
+The public functions in ``dispatch`` call ``check_<name of the op>`` first, once; what runs
+after it (the kernels, the references) trusts its arguments and asserts at most.
 
 Index tensors (slot mappings, block tables, lengths) may live on the CPU while the data is on
 a GPU; the checks move them to the data's device and make them contiguous (the kernels index
@@ -15,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from minipaged.ops.metadata import AttentionMetadata
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -23,6 +28,9 @@ def require(condition: bool, name: str, message: str, *args: object) -> None:
     """Raise ``ValueError("name: message")``; the message is formatted only on failure (hot path)."""
     if not condition:
         raise ValueError(f"{name}: " + message.format(*args))
+
+
+# -- building blocks -------------------------------------------------------------------------
 
 
 def check_tensor(tensor: object, name: str, ndim: int, dtypes: tuple[torch.dtype, ...]) -> Tensor:
@@ -70,11 +78,9 @@ def check_cache_pair(k_cache: object, v_cache: object, ndim: int, names: tuple[s
     return k, v
 
 
-def check_attention(
-    q: object, k_cache: object, v_cache: object, cache_ndim: int, query_ndim: int = 3
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Shapes shared by every attention op: q ``[..., H, D]``, caches ``[..., H_kv, D]``."""
-    q_ = check_tensor(q, "q", query_ndim, FLOAT_DTYPES)
+def check_qkv(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_ndim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Shapes shared by every attention op: q ``[T, H, D]``, caches ``[..., H_kv, D]`` (4-D: paged)."""
+    q_ = check_tensor(q, "q", 3, FLOAT_DTYPES)
     names = ("k_cache", "v_cache") if cache_ndim == 4 else ("k_arena", "v_arena")
     k, v = check_cache_pair(k_cache, v_cache, cache_ndim, names)
     check_same(k, names[0], q_, "q")
@@ -92,4 +98,161 @@ def check_attention(
             "block_size {} is not a power of two",
             block_size,
         )
+    return q_, k, v
+
+
+def _check_lengths(context_lens: Tensor, num_seqs: int, device: torch.device) -> Tensor:
+    """Shape always; values when the caller's tensor is on the CPU."""
+    lens = check_index(context_lens, "context_lens", (num_seqs,), device)
+    if on_host(context_lens):
+        require(bool((context_lens >= 1).all()), "context_lens", "every sequence needs at least one token")
+    return lens
+
+
+def _check_bound(context_lens: Tensor, max_context_len: int | None) -> None:
+    """``max_context_len`` (when given) sizes the split-K grid: it must bound every length."""
+    if max_context_len is None:
+        return
+    require(max_context_len >= 1, "max_context_len", "must be >= 1, got {}", max_context_len)
+    if on_host(context_lens):
+        require(
+            bool((context_lens <= max_context_len).all()),
+            "max_context_len",
+            "{} is below a context length",
+            max_context_len,
+        )
+
+
+def _check_paged(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, decode: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What paged decode and prefill share; in decode, ``q`` has one row per sequence."""
+    q_, k, v = check_qkv(q, k_cache, v_cache, cache_ndim=4)
+    num_seqs = q_.shape[0] if decode else -1
+    tables = check_index(block_tables, "block_tables", (num_seqs, -1), q_.device)
+    lens = _check_lengths(context_lens, tables.shape[0], q_.device)
+    require(tables.shape[1] > 0, "block_tables", "needs at least one column, got shape {}", tuple(tables.shape))
+    if on_host(context_lens):
+        block_size = k.shape[1]
+        capacity = tables.shape[1] * block_size
+        require(
+            bool((context_lens <= capacity).all()),
+            "context_lens",
+            "longer than block_tables can hold ({} tokens)",
+            capacity,
+        )
+        if on_host(block_tables):  # only the entries a sequence uses must name real blocks
+            blocks_used = (context_lens + block_size - 1) // block_size
+            used = torch.arange(tables.shape[1]) < blocks_used[:, None]
+            check_range(block_tables[used], "block_tables", k.shape[0], "block numbers")
+    return q_, k, v, tables, lens
+
+
+# -- one check per public op, named after it ---------------------------------------------------
+
+
+def check_write_to_cache(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``key, value, k_cache, v_cache`` and the slots on the cache's device."""
+    key_, value_ = check_cache_pair(key, value, 3, ("key", "value"))
+    k, v = check_cache_pair(k_cache, v_cache, 4, ("k_cache", "v_cache"))
+    require(key_.device == k.device, "key", "on {}, but k_cache is on {}", key_.device, k.device)
+    rows, cache_rows = tuple(key_.shape[1:]), tuple(k.shape[2:])  # [H_kv, D] per token
+    require(rows == cache_rows, "key", "rows {} differ from k_cache's {}", rows, cache_rows)
+    slots = check_index(slot_mapping, "slot_mapping", (key_.shape[0],), k.device)
+    if on_host(slot_mapping):
+        check_range(slot_mapping, "slot_mapping", k.shape[0] * k.shape[1], "slots", allow_minus_one=True)
+    return key_, value_, k, v, slots
+
+
+def check_copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: Tensor) -> Tensor | None:
+    """Returns the mapping on the caches' device, or None when there are no layers (nothing to copy)."""
+    require(len(k_caches) == len(v_caches), "v_caches", "{} layers, k_caches has {}", len(v_caches), len(k_caches))
+    for layer, (k, v) in enumerate(zip(k_caches, v_caches, strict=True)):
+        check_cache_pair(k, v, 4, (f"k_caches[{layer}]", f"v_caches[{layer}]"))
+    if not k_caches:
+        return None
+    mapping = check_index(block_mapping, "block_mapping", (-1, 2), k_caches[0].device)
+    if on_host(block_mapping):
+        check_range(block_mapping, "block_mapping", k_caches[0].shape[0], "blocks")
+    return mapping
+
+
+def check_swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``src, dst`` and the mapping on the CPU (a swap reads it there anyway, so every
+    value is checked)."""
+    src_ = check_tensor(src, "src", 4, FLOAT_DTYPES)
+    dst_ = check_tensor(dst, "dst", 4, FLOAT_DTYPES)
+    dst_block, src_block = tuple(dst_.shape[1:]), tuple(src_.shape[1:])  # [block_size, H_kv, D]
+    require(dst_block == src_block, "dst", "blocks of shape {}, src has {}", dst_block, src_block)
+    require(dst_.dtype == src_.dtype, "dst", "dtype {} differs from src's {}", dst_.dtype, src_.dtype)
+    device = block_mapping.device if isinstance(block_mapping, Tensor) else torch.device("cpu")
+    mapping = check_index(block_mapping, "block_mapping", (-1, 2), device).cpu()
+    check_range(mapping[:, 0], "block_mapping", src_.shape[0], "source blocks of src")
+    check_range(mapping[:, 1], "block_mapping", dst_.shape[0], "destination blocks of dst")
+    return src_, dst_, mapping
+
+
+def check_paged_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, max_context_len: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``q, k_cache, v_cache``, the tables and the lengths on the data's device."""
+    checked = _check_paged(q, k_cache, v_cache, block_tables, context_lens, decode=True)
+    _check_bound(context_lens, max_context_len)
+    return checked
+
+
+def check_contiguous_decode_attention(
+    q: Tensor, k_arena: Tensor, v_arena: Tensor, starts: Tensor, context_lens: Tensor, max_context_len: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``q, k_arena, v_arena``, the starts and the lengths on the data's device."""
+    q_, k, v = check_qkv(q, k_arena, v_arena, cache_ndim=3)
+    starts_ = check_index(starts, "starts", (q_.shape[0],), q_.device)
+    lens = _check_lengths(context_lens, q_.shape[0], q_.device)
+    if on_host(starts, context_lens):
+        inside = bool((starts >= 0).all() and (starts + context_lens <= k.shape[0]).all())
+        require(inside, "starts", "a slab reaches outside the arena")
+    _check_bound(context_lens, max_context_len)
+    return q_, k, v, starts_, lens
+
+
+def check_paged_prefill_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, query_start_loc: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int]:
+    """Returns ``q, k_cache, v_cache``, the tables, lengths and query starts on the data's device,
+    then the longest context and the most new tokens of one sequence (the kernel's grid).
+
+    Prefill is not a hot loop: it reads the index tensors back once, so every value check runs.
+    """
+    host_tables, host_lens = (x.cpu() if isinstance(x, Tensor) else x for x in (block_tables, context_lens))
+    q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, host_tables, host_lens, decode=False)
+    query_starts = check_index(query_start_loc, "query_start_loc", (tables.shape[0] + 1,), q_.device)
+    host_starts = query_start_loc.cpu()  # one read back; host_lens is already on the CPU
+    num_new = host_starts.diff()
+    require(
+        int(host_starts[0]) == 0 and int(host_starts[-1]) == q_.shape[0],
+        "query_start_loc",
+        "must run from 0 to q.shape[0] = {}",
+        q_.shape[0],
+    )
+    require(bool((num_new >= 0).all()), "query_start_loc", "must be non-decreasing")
+    require(bool((num_new <= host_lens).all()), "query_start_loc", "a sequence has more new tokens than context_lens")
+    return q_, k, v, tables, lens, query_starts, int(host_lens.max()), int(num_new.max())
+
+
+def check_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, metadata: AttentionMetadata
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Shapes only: ``metadata`` comes from a cache, which built its index values valid, and
+    reading them would stall the GPU once per layer (and break CUDA-graph capture)."""
+    q_, k, v = check_qkv(q, k_cache, v_cache, cache_ndim=4 if metadata.block_tables is not None else 3)
+    require(
+        metadata.is_decode or q_.shape[0] == metadata.slot_mapping.shape[0],
+        "q", "has {} tokens, metadata.slot_mapping {}", q_.shape[0], metadata.slot_mapping.shape[0],
+    )  # fmt: skip
+    require(
+        not metadata.is_decode or q_.shape[0] == metadata.num_seqs,
+        "q", "has {} tokens, a decode step of {} sequences needs one each", q_.shape[0], metadata.num_seqs,
+    )  # fmt: skip
     return q_, k, v

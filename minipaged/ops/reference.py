@@ -1,21 +1,24 @@
-"""Plain-PyTorch specifications of every kernel in ``minipaged.ops``.
+"""Plain-PyTorch specifications of the kernels in ``minipaged.ops``.
 
-Each function here has the same signature as its Triton twin and is written to be read,
-not to be fast: attention gathers one token at a time through the block table, exactly as
-the paper describes the lookup (§4.1, "PagedAttention"), and computes the softmax in
-float32 (float64 when the inputs are float64). The tests compare the Triton kernels with
-these functions, and the public functions fall back to them on a CPU or for any case the
-kernels do not cover.
+Each function here takes the arguments of the public op of the same name (less launch hints
+such as ``max_context_len``) and is written to be read, not to be fast: attention gathers one
+token at a time through the block table, exactly as the paper describes the lookup (§4.1,
+"PagedAttention"), and computes the softmax in float32 (float64 when the inputs are float64).
+The tests compare the Triton kernels with these functions, and the public functions fall back
+to them on a CPU or for any case the kernels do not cover. (``swap_blocks`` is a transfer, not
+a kernel: its one implementation is ``minipaged.ops.swap``.)
 
-Cache layout (DESIGN.md): per layer ``k_cache`` and ``v_cache`` are
-``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is row ``s % block_size`` of
-block ``s // block_size``.
+Cache layout (how ``minipaged.kv`` hands its tensors to the ops): per layer ``k_cache`` and
+``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is row
+``s % block_size`` of block ``s // block_size``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from minipaged.ops.metadata import AttentionMetadata
 
 
 def _slots(cache: Tensor) -> Tensor:
@@ -47,22 +50,6 @@ def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: T
     for cache in (*k_caches, *v_caches):
         mapping = block_mapping.to(cache.device)
         cache[mapping[:, 1]] = cache[mapping[:, 0]]
-
-
-def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
-    """Move blocks between two caches, usually GPU <-> pinned CPU (§4.5, swapping).
-
-    The scattered source blocks are gathered into one contiguous staging buffer on the
-    source device, moved with a single transfer, and scattered into the destination, so a
-    swap of many small blocks costs one copy over the bus instead of one per block.
-    """
-    if block_mapping.numel() == 0:
-        return
-    staging = src[block_mapping[:, 0].to(src.device)]
-    # Asynchronous only towards a GPU, where the scatter below is ordered after the copy on the
-    # stream; a copy to the CPU must finish before the CPU scatter reads it.
-    moved = staging.to(dst.device, non_blocking=dst.device.type == "cuda")
-    dst[block_mapping[:, 1].to(dst.device)] = moved
 
 
 def _softmax_dtype(q: Tensor) -> torch.dtype:
@@ -159,3 +146,23 @@ def paged_prefill_attention(
         keys, values = _gather_sequence(k_cache, v_cache, block_tables[seq], length)
         out[first:last] = _attend(q[first:last], keys, values, scale, length - (last - first))
     return out
+
+
+def attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, metadata: AttentionMetadata, *, scale: float | None = None
+) -> Tensor:
+    """One step's new tokens over their context, for either cache (``ops.attention``).
+
+    A contiguous arena ``[num_slots, H_kv, D]`` is a pool of one-slot blocks, and a slab is the
+    run of blocks ``starts[s], starts[s] + 1, ...``: so the paged specifications serve both caches.
+    """
+    tables = metadata.block_tables
+    if tables is None:
+        k_cache, v_cache = k_cache.unsqueeze(1), v_cache.unsqueeze(1)  # [num_slots, 1, H_kv, D]
+        positions = torch.arange(metadata.max_context_len, device=q.device, dtype=torch.int32)
+        tables = metadata.starts[:, None] + positions  # [S, max_context_len]
+    if metadata.is_decode:
+        return paged_decode_attention(q, k_cache, v_cache, tables, metadata.context_lens, scale=scale)
+    return paged_prefill_attention(
+        q, k_cache, v_cache, tables, metadata.context_lens, metadata.query_start_loc, scale=scale
+    )

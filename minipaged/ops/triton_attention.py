@@ -49,6 +49,22 @@ def _block_numbers(table, tile_start, kv_end, BLOCK_SIZE: tl.constexpr, TILE: tl
 
 
 @triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    """``a @ b`` with a float32 result; ``a`` is taken at ``b``'s dtype (the cache's: q has it
+    already, the float32 probabilities are rounded to it for the tensor cores).
+
+    The one home of an interpreter workaround: with ``FP32_DOT`` both operands are multiplied in
+    exact float32 ("ieee", no tf32 rounding). ``_fp32_dot`` sets it for float32 inputs, and for
+    bfloat16 under the CPU interpreter, whose bfloat16 ``tl.dot`` returns garbage (Triton 3.9).
+    """
+    if FP32_DOT:
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a.to(b.dtype), b)
+    return product
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr,
     k_ptr,
@@ -65,14 +81,9 @@ def _attention_kernel(
     partition_size,
     num_partitions,
     num_heads,
-    stride_q_token,
-    stride_q_head,
-    stride_k_block,
-    stride_k_token,
-    stride_k_head,
-    stride_v_block,
-    stride_v_token,
-    stride_v_head,
+    stride_q_token, stride_q_head,
+    stride_k_block, stride_k_token, stride_k_head,
+    stride_v_block, stride_v_token, stride_v_head,
     stride_tables_seq,
     QUERIES_PER_KV: tl.constexpr,
     QUERIES_PER_KV_PAD: tl.constexpr,
@@ -147,11 +158,7 @@ def _attention_kernel(
         v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_v_head + dims[None, :], mask=tile_mask, other=0.0)
 
         # Scores in log2 units; keys past the context or after the query are -inf.
-        if FP32_DOT:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale_log2
+        scores = _dot(q, tl.trans(k), FP32_DOT) * scale_log2
         visible = pos_valid[None, :] & (pos[None, :] <= query_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
 
@@ -160,10 +167,7 @@ def _attention_kernel(
         correction = tl.exp2(running_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        if FP32_DOT:
-            acc = acc * correction[:, None] + tl.dot(probs, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
+        acc = acc * correction[:, None] + _dot(probs, v, FP32_DOT)
         running_max = new_max
 
     out = acc / running_sum[:, None]
@@ -191,8 +195,7 @@ def _merge_partitions_kernel(
     partition_size,
     num_partitions,
     num_heads,
-    stride_out_seq,
-    stride_out_head,
+    stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     PARTITIONS_PAD: tl.constexpr,
@@ -251,8 +254,7 @@ def choose_partition_size(
 
 
 def _fp32_dot(q: Tensor) -> bool:
-    """Multiply in exact float32: for float32 inputs (no tf32 rounding), and for bfloat16 under
-    the CPU interpreter, whose bfloat16 ``tl.dot`` returns garbage (Triton 3.9)."""
+    """The kernel's ``FP32_DOT`` switch (why: see ``_dot``)."""
     return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
 
 
@@ -275,10 +277,10 @@ def attention(
     k_cache: Tensor,
     v_cache: Tensor,
     *,
-    block_tables: Tensor | None,
-    starts: Tensor | None,
+    block_tables: Tensor | None = None,
+    starts: Tensor | None = None,
     context_lens: Tensor,
-    query_start_loc: Tensor | None,
+    query_start_loc: Tensor | None = None,
     max_context_len: int,
     max_query_len: int = 1,
     scale: float,
@@ -288,7 +290,7 @@ def attention(
 ) -> Tensor:
     """Launch the kernel. Paged when ``block_tables`` is given (``k_cache [blocks, block_size,
     H_kv, D]``), contiguous otherwise (``k_cache [slots, H_kv, D]`` and ``starts``); decode when
-    ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.dispatch``).
+    ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.checks``).
     The head dimension of the caches must be contiguous and the batch non-empty.
     ``partition_size`` and ``config`` override the heuristics; ``out`` (contiguous, like ``q``)
     receives the result.
@@ -306,10 +308,11 @@ def attention(
     programs_per_sm = config.pop("programs_per_sm", 2)
     if decode:
         block_m = max(16, group_pad)
-        if partition_size is not None and partition_size % tile and tile % partition_size:
-            # _block_numbers reads one table entry per tile when blocks are at least a tile long,
-            # which needs every tile to start at a multiple of the tile (or fit in a partition).
-            raise ValueError(f"partition_size {partition_size} must divide or be a multiple of the tile {tile}")
+        # _block_numbers reads one table entry per tile when blocks are at least a tile long,
+        # which needs every tile to start at a multiple of the tile (or fit in a partition).
+        assert partition_size is None or partition_size % tile == 0 or tile % partition_size == 0, (
+            f"partition_size {partition_size} must divide or be a multiple of the tile {tile}"
+        )
         if partition_size is None:
             partition_size = choose_partition_size(
                 num_seqs, num_kv_heads, max_context_len, q.device, tile, programs_per_sm
@@ -324,41 +327,34 @@ def attention(
 
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
+    # Triton wants a tensor for every pointer argument, also for those a constexpr switch leaves
+    # unread: the block table or the slab starts (PAGED), the query starts (DECODE) and the split-K
+    # partials (SPLIT). Those get a tensor already at hand (``context_lens``, ``out``), so nothing
+    # is allocated for them.
+    unread = context_lens
     if split:
         part_max = torch.empty(num_seqs, num_heads, num_partitions, device=q.device, dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad, device=q.device, dtype=torch.float32)
     else:
-        part_max = part_sum = part_out = out  # unused
+        part_max = part_sum = part_out = out
     if paged:
         block_size = k_cache.shape[1]
         k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
         tables, table_stride = block_tables, block_tables.stride(0)
-    else:
+    else:  # the arena as a pool of one-token blocks; the block stride is never used
         block_size = 1
         k_strides = (0, k_cache.stride(0), k_cache.stride(1))
         v_strides = (0, v_cache.stride(0), v_cache.stride(1))
-        tables, table_stride = context_lens, 0  # unused
+        tables, table_stride = unread, 0
     grid = (num_seqs, num_kv_heads, axis2)
     _attention_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        tables,
-        starts if starts is not None else context_lens,
-        context_lens,
-        query_start_loc if query_start_loc is not None else context_lens,
-        part_out,
-        part_max,
-        part_sum,
-        scale * LOG2_E,
-        partition_size,
-        num_partitions,
-        num_heads,
-        q.stride(0),
-        q.stride(1),
+        q, k_cache, v_cache, out,
+        tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
+        part_out, part_max, part_sum,
+        scale * LOG2_E, partition_size, num_partitions, num_heads,
+        q.stride(0), q.stride(1),
         *k_strides,
         *v_strides,
         table_stride,
@@ -374,22 +370,15 @@ def attention(
         SPLIT=split,
         FP32_DOT=_fp32_dot(q),
         **config,
-    )
+    )  # fmt: skip
     if split:
         _merge_partitions_kernel[(num_seqs, num_heads)](
-            out,
-            part_out,
-            part_max,
-            part_sum,
-            context_lens,
-            partition_size,
-            num_partitions,
-            num_heads,
-            out.stride(0),
-            out.stride(1),
+            out, part_out, part_max, part_sum,
+            context_lens, partition_size, num_partitions, num_heads,
+            out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             PARTITIONS_PAD=max(2, triton.next_power_of_2(num_partitions)),
             num_warps=4,
-        )
+        )  # fmt: skip
     return out

@@ -24,16 +24,10 @@ def _write_to_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
-    stride_key_token,
-    stride_key_head,
-    stride_value_token,
-    stride_value_head,
-    stride_k_block,
-    stride_k_slot,
-    stride_k_head,
-    stride_v_block,
-    stride_v_slot,
-    stride_v_head,
+    stride_key_token, stride_key_head,
+    stride_value_token, stride_value_head,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
@@ -58,32 +52,22 @@ def _write_to_cache_kernel(
 
 
 def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Triton version of ``reference.write_to_cache`` (arguments already checked)."""
+    """Triton version of ``reference.write_to_cache`` (arguments already checked, see ``checks``)."""
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     _write_to_cache_kernel[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
-    )
+    )  # fmt: skip
 
 
 @triton.jit
