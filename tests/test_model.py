@@ -218,14 +218,21 @@ def test_bfloat16_on_cuda_by_default_and_as_accurate_as_transformers_in_bfloat16
 def test_a_loaded_model_and_its_saved_directory_load_the_same_weights(tmp_path):
     model, hf_model = random_model(small_config(tie_word_embeddings=True), device="cpu")
     hf_model.save_pretrained(tmp_path)
-    from_object, no_tokenizer = load_model(hf_model)
-    from_directory, _ = load_model(tmp_path)
+    from_object, no_tokenizer = load_model(hf_model, device="cpu")
+    from_directory, _ = load_model(tmp_path, device="cpu")
     assert no_tokenizer is None
     for loaded in (from_object, from_directory):
-        assert loaded.lm_head.weight.dtype == torch.float32 and loaded.lm_head.weight.device.type == "cpu"
+        assert loaded.lm_head.weight.dtype == torch.float32  # the CPU's default dtype
         assert loaded.lm_head.weight is loaded.embed_tokens.weight  # tied stays tied
         for name, weight in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], weight), name
+
+
+def test_the_default_device_and_dtype_are_the_gpu_in_bfloat16_else_the_cpu_in_float32():
+    _, hf_model = random_model(small_config(), device="cpu")
+    weight = load_model(hf_model)[0].lm_head.weight
+    expected = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    assert (weight.device.type, weight.dtype) == expected
 
 
 def test_load_model_refuses_other_architectures_naming_llama(tmp_path):
