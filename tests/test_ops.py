@@ -221,7 +221,7 @@ def test_attention_over_metadata_matches_its_reference(num_new):
     paged = step_metadata(lens, num_new, block_tables=tables)
     contiguous = step_metadata(lens, num_new, starts=starts)
     for caches, metadata in [((k, v), paged), ((arena_k, arena_v), contiguous)]:
-        want = reference.attention(q.cpu().double(), *(c.cpu().double() for c in caches), metadata, scale=0.3)
+        want = reference.attention(q.double(), *(c.double() for c in caches), metadata, scale=0.3)
         assert rel_error(ops.attention(q, *caches, metadata, scale=0.3), want) < 1e-5
     if contiguous.is_decode:  # the arena read as one-slot blocks is exactly the slab reference
         spec = reference.attention(q, arena_k, arena_v, contiguous, scale=0.3)
