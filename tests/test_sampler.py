@@ -17,7 +17,6 @@ def batch_of(rows: list[dict], vocab: int) -> SamplingBatch:
         top_ps=column("top_p", 1.0, torch.float32),
         seeds=column("seed", 0, torch.int64),
         positions=column("position", 0, torch.int64),
-        all_greedy=all(row.get("temperature", 1.0) == 0 for row in rows),
     )
 
 
@@ -43,9 +42,10 @@ def test_batched_sampling_equals_the_row_by_row_reference():
 
 def test_greedy_is_argmax_and_reports_the_models_logprob():
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
-    tokens, logprobs = sample(logits, batch_of([dict(temperature=0.0)] * 4, 30))
-    assert tokens.tolist() == logits.argmax(-1).tolist()
-    torch.testing.assert_close(logprobs, logits.log_softmax(-1).max(-1).values)
+    for batch in (None, batch_of([dict(temperature=0.0)] * 4, 30)):  # the all-greedy path, and row by row
+        tokens, logprobs = sample(logits, batch)
+        assert tokens.tolist() == logits.argmax(-1).tolist()
+        torch.testing.assert_close(logprobs, logits.log_softmax(-1).max(-1).values)
 
 
 @pytest.mark.parametrize("setting", [dict(top_k=1), dict(top_p=1e-6)])
@@ -71,7 +71,7 @@ def test_draws_follow_the_distribution():
     logits = probs.log().expand(n, 4)
     rows = dict(temperatures=torch.ones(n), top_ks=torch.full((n,), 4), top_ps=torch.ones(n),
                 seeds=torch.full((n,), 42, dtype=torch.int64), positions=torch.arange(n))
-    tokens, _ = sample(logits, SamplingBatch(**rows, all_greedy=False))
+    tokens, _ = sample(logits, SamplingBatch(**rows))
     frequencies = torch.bincount(tokens, minlength=4).float() / n
     torch.testing.assert_close(frequencies, probs, atol=0.015, rtol=0)
 

@@ -84,19 +84,21 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         return self.model(ids, pos, self.cache, metadata)  # [T, hidden]
 
-    def _sampling_batch(self, seqs: list) -> SamplingBatch:
-        device = self.device
+    def _sampling_batch(self, seqs: list) -> SamplingBatch | None:
+        """The rows' settings on the GPU in one copy; None when every row is greedy."""
         params = [s.params for s in seqs]
-        return SamplingBatch(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_ks=torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device),
-            positions=torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.int64, device=device),
-            all_greedy=all(p.temperature == 0 for p in params),
-        )
+        if all(p.temperature == 0 for p in params):
+            return None
+        columns = torch.tensor([  # float64 holds every seed (< 2**31) and position exactly
+            [p.temperature for p in params],
+            [p.top_k if p.top_k > 0 else self.vocab_size for p in params],
+            [p.top_p for p in params],
+            [s.seed for s in seqs],
+            [len(s.token_ids) for s in seqs],
+        ], dtype=torch.float64).to(self.device)
+        temperatures, top_ks, top_ps, seeds, positions = columns
+        return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())
 
-    # -- CUDA graphs -----------------------------------------------------------------------
     @torch.inference_mode()
     def _capture(self, max_num_seqs: int) -> None:
         """Capture one decode graph per bucket, largest first, all sharing one memory pool."""

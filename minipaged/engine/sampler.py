@@ -31,7 +31,6 @@ class SamplingBatch:
     top_ps: Tensor  # float32 [B]; 1 = no limit
     seeds: Tensor  # int64 [B]
     positions: Tensor  # int64 [B]: the position of the token being sampled (its index in the sequence)
-    all_greedy: bool  # every row greedy: plain argmax, no noise, no sort
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -52,8 +51,9 @@ def uniform_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) / 2**24  # 24 random bits, never 0 or 1
 
 
-def sample(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
-    """Next tokens ``int64 [B]`` and their log-probabilities ``float32 [B]``.
+def sample(logits: Tensor, batch: SamplingBatch | None) -> tuple[Tensor, Tensor]:
+    """Next tokens ``int64 [B]`` and their log-probabilities ``float32 [B]``; ``batch=None``: every
+    row greedy (plain argmax: no noise, no sort, no settings to copy to the GPU).
 
     The log-probability is that of the model's own distribution (``log_softmax`` of the raw
     logits, as transformers' beam scores and vLLM's default logprobs): settings that reshape the
@@ -61,7 +61,7 @@ def sample(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    if batch.all_greedy:
+    if batch is None:
         tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
     greedy = batch.temperatures == 0
@@ -87,13 +87,13 @@ def _top_k_top_p(logits: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def reference_sample(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
+def reference_sample(logits: Tensor, batch: SamplingBatch | None) -> tuple[Tensor, Tensor]:
     """``sample`` one row at a time, written out plainly (the spec the tests compare against)."""
     tokens, logprobs = [], []
     for row in range(logits.shape[0]):
         x = logits[row].float()
         log_p = torch.log_softmax(x, dim=-1)
-        temperature = float(batch.temperatures[row])
+        temperature = 0.0 if batch is None else float(batch.temperatures[row])
         if temperature == 0:
             token = int(x.argmax())
         else:

@@ -101,19 +101,21 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted_before = self.num_preemptions
 
-        # 1. Running sequences, oldest first; make room by preempting the newest.
+        # 1. Running sequences, oldest first; make room by preempting the newest. (Asking
+        #    ``append_slots`` and catching KVCacheFull, which leaves the cache unchanged, costs one
+        #    look at the block table where ``can_append`` first would cost two: this loop runs for
+        #    every sequence at every step.)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_uncached, budget)
-            while not self.cache.can_append(seq.seq_id, num_new):
-                self._preempt(self.running.pop())
-                if index == len(self.running):  # it preempted itself
-                    break
-            else:
+            try:
                 scheduled.append(self._append(seq, num_new))
-                budget -= num_new
-                index += 1
+            except KVCacheFull:
+                self._preempt(self.running.pop())  # the newest; if that was seq itself, the loop ends
+                continue
+            budget -= num_new
+            index += 1
 
         # 2. Swapped sequences come back while nothing needs preempting.
         while self.swapped and self.num_preemptions == preempted_before and budget > 0 \
