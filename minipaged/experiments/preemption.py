@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from minipaged.experiments.cli import output_dir
 from minipaged.kv import PagedKVCache
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -99,7 +100,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
     parser.add_argument("--quick", action="store_true", help="a 256-token request, 3 repetitions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from minipaged.engine import LLM, SamplingParams
+from minipaged.experiments.cli import integer, output_dir
 from minipaged.experiments.kernel_bench import copy_bandwidth
 from minipaged.workloads import sample_lengths
 
@@ -48,6 +49,12 @@ class Workload:
     name: str
     prompt_lens: list[int]
     output_lens: list[int]
+
+    def head(self, n: int) -> Workload:
+        """The first ``n`` requests (the slow runs take a subset, named in the CSV)."""
+        if n >= len(self.prompt_lens):
+            return self
+        return Workload(f"{self.name} (first {n})", self.prompt_lens[:n], self.output_lens[:n])
 
 
 def workloads(quick: bool, seed: int = 0) -> list[Workload]:
@@ -197,18 +204,19 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
     parser.add_argument("--quick", action="store_true", help="a few requests per workload (a smoke run)")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-1b-shape"],
                         choices=["smollm2-135m", "llama-1b-shape"])
-    parser.add_argument("--kv-slots", type=int, default=16384, help="token slots of the memory-bound runs")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--kv-slots", type=integer(at_least=2048), default=16384,
+                        help="token slots of the memory-bound runs (at least one request of 2048 tokens)")
+    parser.add_argument("--max-num-seqs", type=integer(at_least=1), default=256)
+    parser.add_argument("--subset", type=integer(at_least=1), default=128,
+                        help="requests of a workload for the memory-bound runs and transformers' continuous batching")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' baselines")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this experiment measures GPU throughput: it needs a CUDA GPU")
-    if args.kv_slots < 2048:
-        parser.error(f"--kv-slots must be >= 2048 (one request of the longest length), got {args.kv_slots}")
     device = torch.device("cuda")
     bandwidth, tflops = copy_bandwidth(device, None, 1 << 30), matmul_tflops(device)
     gpu = torch.cuda.get_device_name()
@@ -217,22 +225,29 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models:
         hf_model = make_model(model_name, device)
         for work in workloads(args.quick):
-            runs = [(system, None) for system in ("paged",)] + [(system, args.kv_slots) for system in SYSTEMS]
-            for system, kv_slots in runs:
-                row = run_minipaged(hf_model, system, work, kv_slots, args.max_num_seqs)
+            # The large budget runs every request; the memory-bound runs and transformers' (slow)
+            # continuous batching run the first --subset of them.
+            small = work.head(args.subset)
+            runs = [("paged", None, work)] + [(system, args.kv_slots, small) for system in SYSTEMS]
+            for system, kv_slots, requests in runs:
+                row = run_minipaged(hf_model, system, requests, kv_slots, args.max_num_seqs)
                 steps = row.pop("_steps")
                 row["roofline_fraction"] = roofline_seconds(steps, hf_model, bandwidth, tflops) / row["seconds"]
                 row["budget"] = "large" if kv_slots is None else "memory-bound"
-                rows.append(dict(model=model_name, workload=work.name, **row))
+                rows.append(dict(model=model_name, workload=requests.name, **row))
                 print(rows[-1])
-            if not args.no_hf:
-                for baseline in (run_hf_continuous, run_hf_static):
-                    try:
-                        row = baseline(hf_model, work)
-                    except Exception as e:  # a peer's API that changed: say so, keep the run going
-                        row = dict(system=baseline.__name__, error=f"{type(e).__name__}: {e}"[:200])
-                    rows.append(dict(model=model_name, workload=work.name, budget="large", **row))
-                    print(rows[-1])
+            if args.no_hf:
+                continue
+            baselines = [(run_hf_continuous, small)]
+            if work is small or len(set(work.output_lens)) == 1:  # static batching wastes too long on mixed lengths
+                baselines.append((run_hf_static, work))
+            for baseline, requests in baselines:
+                try:
+                    row = baseline(hf_model, requests)
+                except Exception as e:  # a peer's API that changed: say so, keep the run going
+                    row = dict(system=baseline.__name__, error=f"{type(e).__name__}: {e}"[:200])
+                rows.append(dict(model=model_name, workload=requests.name, budget="large", **row))
+                print(rows[-1])
         del hf_model
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
