@@ -139,7 +139,7 @@ class Scheduler:
         while self.waiting and not self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_tokens = min(len(seq.token_ids), budget)
-            token_ids = seq.token_ids[:num_tokens]
+            token_ids = seq.token_ids[:num_tokens] if self.cache.uses_token_ids else None
             if not self.cache.can_allocate(num_tokens, seq.max_len, token_ids):
                 break
             num_cached = self.cache.allocate(seq.seq_id, num_tokens, seq.max_len, token_ids)
@@ -153,7 +153,8 @@ class Scheduler:
     def _append(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         """Room in the cache for a running sequence's next ``num_new`` tokens."""
         start = seq.num_cached
-        self.cache.append_slots(seq.seq_id, num_new, seq.token_ids[start:start + num_new])
+        token_ids = seq.token_ids[start:start + num_new] if self.cache.uses_token_ids else None
+        self.cache.append_slots(seq.seq_id, num_new, token_ids)
         seq.num_cached += num_new
         return ScheduledSequence(seq, num_new)
 

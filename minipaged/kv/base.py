@@ -72,6 +72,12 @@ class KVCache(ABC):
         """Total token slots of the KV space (on the cache's device)."""
 
     @property
+    def uses_token_ids(self) -> bool:
+        """Does the cache read the token ids passed to ``allocate``/``append_slots`` (prefix caching)?
+        When it does not, a caller may pass None and save the cache checking them."""
+        return False
+
+    @property
     @abstractmethod
     def block_size(self) -> int:
         """Slots per block (1 for the contiguous cache, whose blocks are single slots)."""

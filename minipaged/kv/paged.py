@@ -86,6 +86,10 @@ class PagedKVCache(KVCache):
         return self._block_size
 
     @property
+    def uses_token_ids(self) -> bool:
+        return self.prefix_cache.enabled
+
+    @property
     def capacity(self) -> int:
         return self.num_blocks * self.block_size
 
