@@ -214,7 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset", type=integer(at_least=1), default=128,
                         help="requests of a workload for the memory-bound runs and transformers' continuous batching")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' baselines")
+    parser.add_argument("--replot", nargs="+", type=Path, metavar="CSV",
+                        help="run nothing: merge these throughput CSVs (e.g. one per model) into --out and draw them")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = [row for path in args.replot for row in read_rows(path)]
+        write_results(rows, args.out, rows[0]["gpu"])
+        return
     if not torch.cuda.is_available():
         parser.error("this experiment measures GPU throughput: it needs a CUDA GPU")
     device = torch.device("cuda")
@@ -250,13 +256,29 @@ def main(argv: list[str] | None = None) -> None:
                 print(rows[-1])
         del hf_model
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_results([{"gpu": gpu, **row} for row in rows], args.out, gpu)
+
+
+def write_results(rows: list[dict], out: Path, gpu: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with (args.out / "throughput.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["gpu", *columns])
+    with (out / "throughput.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({"gpu": gpu, **row} for row in rows)
-    plot(rows, args.out / "throughput.png", gpu)
+        writer.writerows(rows)
+    plot(rows, out / "throughput.png", gpu)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A throughput CSV's rows, numbers as floats, empty cells left out."""
+    def value(text: str) -> object:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with path.open() as f:
+        return [{key: value(text) for key, text in row.items() if text != ""} for row in csv.DictReader(f)]
 
 
 if __name__ == "__main__":
