@@ -212,6 +212,16 @@ def test_bfloat16_on_cuda_by_default_and_as_accurate_as_transformers_in_bfloat16
     assert (ours - truth).norm() <= 1.5 * (theirs - truth).norm()
 
 
+def test_rotary_tables_follow_the_device_but_stay_float32_in_a_half_model():
+    """ops.rotary computes in float32 from float32 tables: ``.to(dtype)`` must not round them."""
+    model, _ = random_model(small_config(), device=DEVICE, dtype=torch.float32)
+    cos = model.cos.clone()
+    model.to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.cos.dtype == model.sin.dtype == torch.float32 and torch.equal(model.cos, cos)
+    assert "cos" not in model.state_dict()  # not a weight: state dicts load as before
+
+
 # -- loading ------------------------------------------------------------------------------
 
 

@@ -6,8 +6,10 @@ Triton is first imported, so this module sets it at the top when no GPU is prese
 without it, the interpreter tests skip with a message. On a GPU the same tests run compiled
 kernels, and the ``gpu`` tests run too.
 
-Tolerances (relative L2 error against a float64 reference on the same inputs): float32 1e-5,
-float16 3e-3 and bfloat16 1.5e-2; they cover the output's final rounding (2**-11, 2**-8).
+Tolerances of attention (relative L2 error against a float64 reference on the same inputs):
+float32 1e-5, float16 3e-3 and bfloat16 1.5e-2; they cover the output's final rounding (2**-11,
+2**-8). The decoder layer's fused kernels round where their references round, so they are held
+to the reference in the same dtype: see ``assert_matches_reference``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import minipaged.ops as ops  # noqa: E402
-from minipaged.ops import checks, reference, triton_attention  # noqa: E402
+from minipaged.ops import checks, reference, triton_attention, triton_layers  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -325,6 +327,190 @@ def test_swap_blocks_round_trip():
     ops.swap_blocks(cpu_side, back, torch.zeros(0, 2, dtype=torch.int64))  # nothing to move
 
 
+# --- the decoder layer's fused kernels --------------------------------------------------------
+
+MANTISSA_BITS = {torch.float16: 11, torch.bfloat16: 8}
+# A float32 step that differs from PyTorch's (summation order, rsqrt, exp) can tip one rounding
+# to the dtype the other way: one ulp there, two at the output when a rounding follows (rms_norm's
+# weight, silu's product). Triton 3.9's interpreter also truncates float32 to bfloat16 instead of
+# rounding to nearest, one more ulp per rounding: bfloat16 on a CPU is only held to 4 ulps.
+MAX_ULPS = {torch.float16: 2, torch.bfloat16: 4 if INTERPRETING else 2}
+
+
+def ulps(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``|out - ref|`` in units in the last place of ``ref`` (in ``ref``'s half dtype)."""
+    _, exponent = torch.frexp(ref.float())  # |ref| in [2**(e-1), 2**e): ulp = 2**(e - mantissa bits)
+    finfo = torch.finfo(ref.dtype)
+    ulp = torch.ldexp(torch.ones_like(ref, dtype=torch.float64), exponent - MANTISSA_BITS[ref.dtype])
+    return (out.double() - ref.double()).abs() / ulp.clamp_min(finfo.smallest_normal * finfo.eps)
+
+
+def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, max_ulps: int | None = None) -> None:
+    """float32: relative L2 error below 1e-5. float16 and bfloat16: every element within
+    ``MAX_ULPS`` (``max_ulps`` when given) and 99% of them bit-identical, which pins where the
+    kernel rounds (one rounding too many or too few changes about half of the elements)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    out, ref = out.cpu(), ref.cpu()
+    if ref.dtype == torch.float32:
+        assert rel_error(out, ref) < 1e-5
+        return
+    assert ulps(out, ref).max() <= (MAX_ULPS[ref.dtype] if max_ulps is None else max_ulps)
+    if not (INTERPRETING and ref.dtype == torch.bfloat16):
+        assert (out == ref).float().mean() >= 0.99
+
+
+LAYER_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 2048])  # 576: SmolLM2's, not a power of two
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+def test_rms_norm_matches_reference(num_tokens, hidden, dtype):
+    gen = torch.Generator().manual_seed(num_tokens * hidden)
+    x = (3 * torch.randn(num_tokens, hidden, generator=gen)).to(dtype).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    assert_matches_reference(triton_layers.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize(("num_tokens", "hidden"), [(1, 64), (7, 576), (33, 2048)])
+def test_rms_norm_with_residual_returns_the_norm_of_the_sum_and_the_sum(num_tokens, hidden, dtype):
+    """vLLM's fused add + norm: the sum is rounded to the dtype, as ``x + residual`` in PyTorch;
+    the inputs are left as they were."""
+    gen = torch.Generator().manual_seed(hidden)
+    x, residual = (torch.randn(2, num_tokens, hidden, generator=gen) * 3).to(dtype).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    inputs = (x.clone(), residual.clone())
+    out, total = triton_layers.rms_norm(x, weight, 1e-6, residual)
+    _, ref_total = reference.rms_norm(x, weight, 1e-6, residual)
+    if INTERPRETING and dtype == torch.bfloat16:  # truncated, not rounded (see MAX_ULPS)
+        assert ulps(total, ref_total).max() <= 1
+    else:
+        assert torch.equal(total, ref_total)
+    assert_matches_reference(out, reference.rms_norm(total, weight, 1e-6))  # the norm of that very sum
+    assert torch.equal(x, inputs[0]) and torch.equal(residual, inputs[1])
+
+
+def random_rotary_tables(positions: int, head_dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of random angles, float32 ``[positions, head_dim // 2]``."""
+    angles = 2 * torch.pi * torch.rand(positions, head_dim // 2, generator=gen)
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+# (query heads, KV heads, head_dim): MHA, SmolLM2-135M's 9 over 3, Llama-3-8B's 32 over 8, MQA.
+ROTARY_HEADS = [(4, 4, 64), (9, 3, 64), (32, 8, 128), (8, 1, 128)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ROTARY_HEADS)
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+def test_rotary_matches_reference_in_place(num_tokens, heads, kv_heads, head_dim, dtype):
+    """One rounding from float32, as the reference: bit-identical but for the interpreter's
+    bfloat16 truncation (one ulp)."""
+    gen = torch.Generator().manual_seed(num_tokens * heads + head_dim)
+    cos, sin = random_rotary_tables(100, head_dim, gen)
+    positions = torch.randint(0, 100, (num_tokens,), generator=gen).to(DEVICE)  # any order, repeats
+    q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    ref_q, ref_k = reference.rotary(q.clone(), k.clone(), cos, sin, positions)
+    out_q, out_k = triton_layers.rotary(q, k, cos, sin, positions)
+    assert out_q is q and out_k is k  # rotated in place
+    for out, ref in [(out_q, ref_q), (out_k, ref_k)]:
+        assert_matches_reference(out, ref, max_ulps=1)
+
+
+@needs_triton
+def test_rotary_of_q_and_k_sliced_out_of_one_projection():
+    """q and k as views of a fused QKV projection's rows: strided tokens, contiguous heads."""
+    gen = torch.Generator().manual_seed(16)
+    cos, sin = random_rotary_tables(20, 64, gen)
+    qkv = torch.randn(5, (4 + 2 + 2) * 64, generator=gen).to(DEVICE)
+    q, k = qkv[:, : 4 * 64].view(5, 4, 64), qkv[:, 4 * 64 : 6 * 64].view(5, 2, 64)
+    positions = torch.tensor([0, 19, 7, 7, 1], device=DEVICE)
+    ref_q, ref_k = reference.rotary(q.clone(), k.clone(), cos, sin, positions)
+    untouched = qkv[:, 6 * 64 :].clone()
+    triton_layers.rotary(q, k, cos, sin, positions)
+    assert_matches_reference(q, ref_q)
+    assert_matches_reference(k, ref_k)
+    assert torch.equal(qkv[:, 6 * 64 :], untouched)  # v, beside them, is not written
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("intermediate", [96, 1536, 8192])
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+def test_silu_and_mul_matches_reference(num_tokens, intermediate, dtype):
+    gen = torch.Generator().manual_seed(num_tokens + intermediate)
+    gate = (4 * torch.randn(num_tokens, intermediate, generator=gen)).to(dtype).to(DEVICE)  # silu's bend and tails
+    up = torch.randn(num_tokens, intermediate, generator=gen).to(dtype).to(DEVICE)
+    assert_matches_reference(triton_layers.silu_and_mul(gate, up), reference.silu_and_mul(gate, up))
+
+
+def test_layer_ops_run_the_reference_where_the_kernels_do_not_cover_the_call(caplog):
+    """float64 (the kernels compute in float32), a row wider than one block, a strided head dimension."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(3, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+    wide = torch.randn(2, 70000, generator=gen).to(DEVICE)
+    q = torch.randn(3, 16, 2, generator=gen).to(DEVICE).transpose(1, 2)  # [3, 2, 16], head dimension strided
+    cos, sin = random_rotary_tables(8, 16, gen)
+    positions = torch.tensor([0, 5, 2], device=DEVICE)
+    with caplog.at_level(logging.DEBUG, logger="minipaged.ops"):
+        assert torch.equal(ops.rms_norm(x, x[0], 1e-5), reference.rms_norm(x, x[0], 1e-5))
+        assert torch.equal(ops.silu_and_mul(x, x), reference.silu_and_mul(x, x))
+        assert torch.equal(ops.rms_norm(wide, wide[0], 1e-5), reference.rms_norm(wide, wide[0], 1e-5))
+        want = reference.rotary(q.clone(), q.clone(), cos, sin, positions)
+        assert all(map(torch.equal, ops.rotary(q, q.clone(), cos, sin, positions), want))
+    for op, why in [("rms_norm", "float64 (the kernels compute in float32)"), ("silu_and_mul", "float64"),
+                    ("rms_norm", "hidden size above 65536"), ("rotary", "head dimension not contiguous")]:  # fmt: skip
+        assert f"{op}: reference ({why}" in caplog.text
+
+
+def _layer_op_args():
+    hidden, heads, head_dim = 32, 4, 16
+    return {
+        "rms_norm": dict(x=torch.randn(3, hidden), weight=torch.ones(hidden), eps=1e-5,
+                         residual=torch.randn(3, hidden)),
+        "rotary": dict(q=torch.randn(3, heads, head_dim), k=torch.randn(3, 2, head_dim), cos=torch.ones(10, 8),
+                       sin=torch.zeros(10, 8), positions=torch.tensor([0, 4, 9])),
+        "silu_and_mul": dict(gate=torch.randn(3, 48), up=torch.randn(3, 48)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("op", "name", "bad"),
+    [
+        ("rms_norm", "x", torch.randn(3, 4, 32)),
+        ("rms_norm", "x", torch.zeros(3, 32, dtype=torch.int32)),
+        ("rms_norm", "weight", torch.ones(31)),
+        ("rms_norm", "weight", torch.ones(32, dtype=torch.float16)),  # not x's dtype
+        ("rms_norm", "weight", torch.ones(32, device="meta")),
+        ("rms_norm", "eps", -1.0),
+        ("rms_norm", "residual", torch.randn(4, 32)),
+        ("rms_norm", "residual", torch.randn(3, 32, dtype=torch.bfloat16)),
+        ("rotary", "q", torch.randn(3, 4, 15)),  # odd head_dim: no pairs
+        ("rotary", "k", torch.randn(3, 2, 32)),
+        ("rotary", "k", torch.randn(2, 2, 16)),  # not q's tokens
+        ("rotary", "cos", torch.ones(10, 16)),  # head_dim columns, not head_dim / 2
+        ("rotary", "cos", torch.ones(10, 8, dtype=torch.bfloat16)),  # the tables are float32
+        ("rotary", "sin", torch.zeros(9, 8)),
+        ("rotary", "positions", torch.tensor([0, 1])),
+        ("rotary", "positions", torch.tensor([0.0, 1.0, 2.0])),
+        ("rotary", "positions", torch.tensor([0, 10, 2])),  # past the tables (checked on the host)
+        ("silu_and_mul", "gate", torch.randn(48)),
+        ("silu_and_mul", "up", torch.randn(3, 47)),
+        ("silu_and_mul", "up", torch.randn(3, 48, dtype=torch.float16)),
+    ],
+)
+def test_bad_layer_op_arguments_name_the_argument(op, name, bad):
+    args = _layer_op_args()[op]
+    args[name] = bad
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        getattr(ops, op)(**args)
+
+
 # --- argument checks and fallback ------------------------------------------------------------
 
 
@@ -434,9 +620,11 @@ def test_every_op_logs_the_one_backend_choice(monkeypatch, caplog):
         ops.write_to_cache(torch.randn(1, 2, 64), torch.randn(1, 2, 64), k, v, torch.tensor([3]))
         ops.copy_blocks([k], [v], torch.tensor([[0, 1]]))
         ops.swap_blocks(k, torch.zeros_like(k), torch.tensor([[0, 1]]))
+        for op, layer_args in _layer_op_args().items():
+            getattr(ops, op)(**layer_args)
     why = "reference (cpu tensors without TRITON_INTERPRET=1)"
     for op in ("paged_decode_attention", "contiguous_decode_attention", "paged_prefill_attention",
-               "attention (paged, decode)", "write_to_cache", "copy_blocks"):  # fmt: skip
+               "attention (paged, decode)", "write_to_cache", "copy_blocks", *_layer_op_args()):  # fmt: skip
         assert f"{op}: {why}" in caplog.text
     assert "swap_blocks: torch (gather, one transfer, scatter)" in caplog.text  # one implementation
 

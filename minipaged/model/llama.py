@@ -12,6 +12,11 @@ says where each new token's K/V goes (``slot_mapping``) and where every sequence
 ``kv_cache.write`` and attends through ``ops.attention`` (§4.1: the kernel fetches the context's
 blocks wherever they are), with the same two lines for both caches.
 
+The elementwise work runs in fused kernels (``ops.rms_norm``, ``ops.rotary``, ``ops.silu_and_mul``):
+a small model's decode step is bound by how many kernels it launches, not by bandwidth. So the
+residual stream is carried beside the hidden states, as in vLLM: each layer receives the previous
+sublayer's output and the stream separately, and the next norm adds them in its own kernel.
+
 The step's tokens come packed, sequence after sequence, with no padding: ``input_ids`` and
 ``positions`` are ``[T]``, and every activation is ``[T, ...]``. Nothing here reads a device
 tensor back to the host, so the engine can capture a decode step in a CUDA graph.
@@ -19,6 +24,7 @@ tensor back to the host, so the engine can capture a decode step in a CUDA graph
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,23 +138,16 @@ def rotary_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x[i], x[i + D/2]) of ``x [T, H, D]`` by its angle; ``cos``, ``sin``: ``[T, 1, D/2]``."""
-    x1, x2 = x.chunk(2, dim=-1)  # [T, H, D/2] each: Llama pairs the two halves (transformers' rotate_half)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [T, H, D]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        # The mean of squares in float32 (bf16 keeps 8 bits of mantissa), the scale in the model's dtype, as Llama does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Llama's norm of ``x [T, hidden]`` (mean of squares in float32, scale in the model's dtype);
+        with ``residual``, the norm of ``x + residual`` and that sum, the stream's next value."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -161,12 +160,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache, metadata: AttentionMetadata) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache, metadata: AttentionMetadata
+    ) -> Tensor:
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Rotated in place, one kernel for both, by angles looked up at each token's position.
+        q, k = ops.rotary(q, k, cos, sin, positions)
         # The new tokens' K/V join their sequences' context first, so each attends to itself too.
         kv_cache.write(self.layer, metadata.slot_mapping, k, v)
         out = ops.attention(q, kv_cache.k_caches[self.layer], kv_cache.v_caches[self.layer], metadata)  # [T, H, D]
@@ -183,7 +185,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))  # [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -194,9 +196,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache, metadata: AttentionMetadata) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        hidden: Tensor,
+        residual: Tensor | None,
+        positions: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        """``residual + hidden`` is the layer's input (the first layer gets the embedding as
+        ``hidden`` and no residual). Returns the MLP's output and the stream it is to be added to:
+        each ``x = x + sublayer(norm(x))`` of the textbook, with the add moved into the next norm."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, cos, sin, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Llama(nn.Module):
@@ -212,12 +231,20 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # One table for every position the model serves, indexed per step: no host work, no sync.
-        # Buffers follow .to(): in bfloat16 the table holds what transformers' cos/sin round to.
+        # One table for every position the model serves, read by the rotary kernel at each token's
+        # position: no host work, no sync. float32 whatever the model's dtype (see _apply).
         cos, sin = rotary_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [P, D/2]
         self.register_buffer("sin", sin, persistent=False)  # [P, D/2]
         self.requires_grad_(False)  # inference only: no autograd graph through the cache writes
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Llama:
+        """``.to(dtype)``, ``.half()`` and the like cast every floating buffer: the rotary tables
+        follow the model's device but stay float32, as ``ops.rotary`` computes in float32."""
+        cos, sin = self.cos, self.sin
+        super()._apply(fn, recurse)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_cache: KVCache, metadata: AttentionMetadata) -> Tensor:
         """Final-normed hidden states ``[T, hidden]`` of one step's new tokens.
@@ -225,11 +252,11 @@ class Llama(nn.Module):
         ``input_ids``, ``positions``: int64 ``[T]``, packed sequence after sequence as ``metadata``
         describes. Writes every layer's K/V of these tokens into ``kv_cache``.
         """
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.cos[positions, None], self.sin[positions, None]  # [T, 1, D/2]: shared by a token's heads
+        hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, self.cos, self.sin, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)  # the last layer's add, then the final norm
+        return hidden
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """float32 ``[N, vocab]`` scores of the next token from hidden states ``[N, hidden]``."""

@@ -1,4 +1,5 @@
-"""Attention and cache kernels of PagedAttention (Kwon et al., SOSP 2023), §4.1 and §5.1.
+"""Attention and cache kernels of PagedAttention (Kwon et al., SOSP 2023), §4.1 and §5.1, and the
+decoder layer's fused elementwise kernels (``rms_norm``, ``rotary``, ``silu_and_mul``).
 
 Each public function checks its arguments (``checks``), then runs a Triton kernel when the
 tensors are on a GPU (or on a CPU under ``TRITON_INTERPRET=1``) and otherwise the plain-PyTorch
@@ -13,6 +14,9 @@ from minipaged.ops.dispatch import (
     copy_blocks,
     paged_decode_attention,
     paged_prefill_attention,
+    rms_norm,
+    rotary,
+    silu_and_mul,
     swap_blocks,
     write_to_cache,
 )
@@ -25,6 +29,9 @@ __all__ = [
     "copy_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
     "swap_blocks",
     "write_to_cache",
 ]

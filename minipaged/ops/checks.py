@@ -256,3 +256,60 @@ def check_attention(
         "q", "has {} tokens, a decode step of {} sequences needs one each", q_.shape[0], metadata.num_seqs,
     )  # fmt: skip
     return q_, k, v
+
+
+# -- the decoder layer's elementwise ops: shapes, dtypes, devices --------------------------------
+
+
+def check_rms_norm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Returns ``x, weight, residual``; the weight (and the residual) must have x's dtype and device."""
+    x_ = check_tensor(x, "x", 2, FLOAT_DTYPES)
+    require(x_.shape[1] > 0, "x", "needs a hidden size >= 1, got shape {}", tuple(x_.shape))
+    weight_ = check_tensor(weight, "weight", 1, FLOAT_DTYPES)
+    hidden = x_.shape[1]
+    require(weight_.shape[0] == hidden, "weight", "has {} entries, x's hidden size is {}", weight_.shape[0], hidden)
+    check_same(weight_, "weight", x_, "x")
+    require(eps >= 0, "eps", "must be >= 0, got {}", eps)
+    if residual is None:
+        return x_, weight_, None
+    residual_ = check_tensor(residual, "residual", 2, FLOAT_DTYPES)
+    shape = tuple(residual_.shape)
+    require(shape == tuple(x_.shape), "residual", "shape {} differs from x's {}", shape, tuple(x_.shape))
+    check_same(residual_, "residual", x_, "x")
+    return x_, weight_, residual_
+
+
+def check_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``q, k, cos, sin`` and the positions on the data's device. The positions' values
+    (rows of the tables) are checked when the caller passes them on the CPU."""
+    q_ = check_tensor(q, "q", 3, FLOAT_DTYPES)
+    k_ = check_tensor(k, "k", 3, FLOAT_DTYPES)
+    check_same(k_, "k", q_, "q")
+    num_tokens, head_dim = q_.shape[0], q_.shape[2]
+    require(head_dim > 0 and head_dim % 2 == 0, "q", "head_dim must be even (i pairs with i + D/2), got shape {}",
+            tuple(q_.shape))  # fmt: skip
+    require(k_.shape[0] == num_tokens and k_.shape[2] == head_dim, "k", "shape {} does not match q's {}",
+            tuple(k_.shape), tuple(q_.shape))  # fmt: skip
+    cos_ = check_tensor(cos, "cos", 2, (torch.float32,))
+    require(cos_.shape[1] == head_dim // 2, "cos", "expected head_dim / 2 = {} columns, got shape {}",
+            head_dim // 2, tuple(cos_.shape))  # fmt: skip
+    require(cos_.device == q_.device, "cos", "on {}, but q is on {}", cos_.device, q_.device)
+    sin_ = check_tensor(sin, "sin", 2, (torch.float32,))
+    require(sin_.shape == cos_.shape, "sin", "shape {} differs from cos's {}", tuple(sin_.shape), tuple(cos_.shape))
+    check_same(sin_, "sin", cos_, "cos")
+    positions_ = check_index(positions, "positions", (num_tokens,), q_.device)
+    if on_host(positions):
+        check_range(positions, "positions", cos_.shape[0], "rows of cos")
+    return q_, k_, cos_, sin_, positions_
+
+
+def check_silu_and_mul(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    gate_ = check_tensor(gate, "gate", 2, FLOAT_DTYPES)
+    up_ = check_tensor(up, "up", 2, FLOAT_DTYPES)
+    require(up_.shape == gate_.shape, "up", "shape {} differs from gate's {}", tuple(up_.shape), tuple(gate_.shape))
+    check_same(up_, "up", gate_, "gate")
+    return gate_, up_

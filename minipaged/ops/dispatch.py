@@ -22,13 +22,16 @@ import os
 import torch
 from torch import Tensor
 
-from minipaged.ops import reference, swap, triton_attention, triton_cache
+from minipaged.ops import reference, swap, triton_attention, triton_cache, triton_layers
 from minipaged.ops.checks import (
     check_attention,
     check_contiguous_decode_attention,
     check_copy_blocks,
     check_paged_decode_attention,
     check_paged_prefill_attention,
+    check_rms_norm,
+    check_rotary,
+    check_silu_and_mul,
     check_swap_blocks,
     check_write_to_cache,
 )
@@ -208,3 +211,46 @@ def attention(
         context_lens=metadata.context_lens, query_start_loc=metadata.query_start_loc,
         max_context_len=metadata.max_context_len, max_query_len=metadata.max_query_len, scale=scale,
     )  # fmt: skip
+
+
+# -- the decoder layer's elementwise ops (``triton_layers``: one kernel each instead of 2-14) ---------
+
+MAX_FUSED_HIDDEN = 65536  # rms_norm holds a whole row in one block
+
+
+def _float64_not_covered(x: Tensor) -> str | None:
+    return "float64 (the kernels compute in float32)" if x.dtype == torch.float64 else None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """LlamaRMSNorm of ``x [T, hidden]`` with ``weight [hidden]`` (normalised in float32, rounded to
+    x's dtype, then scaled by the weight). With ``residual [T, hidden]``, the norm of ``s = x +
+    residual`` (added in x's dtype), returned as ``(rms_norm(s), s)``: a decoder layer's residual
+    add and the next norm in one kernel. New tensors; the inputs are not modified."""
+    x, weight, residual = check_rms_norm(x, weight, eps, residual)
+    too_wide = f"hidden size above {MAX_FUSED_HIDDEN}" if x.shape[1] > MAX_FUSED_HIDDEN else None
+    if _use_triton("rms_norm", x.device, _float64_not_covered(x) or too_wide):
+        return triton_layers.rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of ``q [T, H, D]`` and ``k [T, H_kv, D]`` IN PLACE, returning them.
+
+    Llama's pairing (element ``i`` with ``i + D/2``), by the angles of each token's position
+    ``positions [T]``, looked up in the float32 tables ``cos``, ``sin`` ``[P, D/2]``; computed in
+    float32 and rounded once. The caller must not need the unrotated values.
+    """
+    q, k, cos, sin, positions = check_rotary(q, k, cos, sin, positions)
+    strided = "head dimension not contiguous" if q.stride(-1) != 1 or k.stride(-1) != 1 else None
+    if _use_triton("rotary", q.device, _float64_not_covered(q) or strided):
+        return triton_layers.rotary(q, k, cos, sin, positions)
+    return reference.rotary(q, k, cos, sin, positions)
+
+
+def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's gate, ``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``, in one kernel."""
+    gate, up = check_silu_and_mul(gate, up)
+    if _use_triton("silu_and_mul", gate.device, _float64_not_covered(gate)):
+        return triton_layers.silu_and_mul(gate, up)
+    return reference.silu_and_mul(gate, up)

@@ -5,7 +5,9 @@ such as ``max_context_len``) and is written to be read, not to be fast: attentio
 token at a time through the block table, exactly as the paper describes the lookup (§4.1,
 "PagedAttention"), and computes the softmax in float32 (float64 when the inputs are float64).
 The tests compare the Triton kernels with these functions, and the public functions fall back
-to them on a CPU or for any case the kernels do not cover. (``swap_blocks`` is a transfer, not
+to them on a CPU or for any case the kernels do not cover. The decoder layer's elementwise ops
+(``rms_norm``, ``rotary``, ``silu_and_mul``, at the end) are what the model computed in PyTorch
+before they were fused, rounding where it rounded. (``swap_blocks`` is a transfer, not
 a kernel: its one implementation is ``minipaged.ops.swap``.)
 
 Cache layout (how ``minipaged.kv`` hands its tensors to the ops): per layer ``k_cache`` and
@@ -166,3 +168,39 @@ def attention(
     return paged_prefill_attention(
         q, k_cache, v_cache, tables, metadata.context_lens, metadata.query_start_loc, scale=scale
     )
+
+
+# -- the decoder layer's elementwise ops (fused in ``triton_layers``) -------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """transformers' LlamaRMSNorm of ``x [T, hidden]``: normalise in float32, round to x's dtype,
+    then scale by ``weight [hidden]`` in that dtype.
+
+    With ``residual`` (vLLM's fused add + norm) the norm is of ``x + residual``, added in x's
+    dtype, and that sum is returned too: ``(normed, sum)``.
+    """
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate ``q [T, H, D]`` and ``k [T, H_kv, D]`` in place by each token's position; returns them.
+
+    Element ``i`` of a head pairs with element ``i + D/2`` (transformers' ``rotate_half``) and the
+    pair turns by the angle whose cosine and sine are ``cos[position, i]``, ``sin[position, i]``
+    (float32 tables ``[P, D/2]``), computed in float32 and rounded once.
+    """
+    cos, sin = cos[positions, None], sin[positions, None]  # [T, 1, D/2]: shared by a token's heads
+    for x in (q, k):
+        x1, x2 = x.float().chunk(2, dim=-1)  # [T, heads, D/2] each
+        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))  # [T, heads, D]
+    return q, k
+
+
+def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's gate: ``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``."""
+    return torch.nn.functional.silu(gate) * up
