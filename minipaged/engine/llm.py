@@ -53,7 +53,7 @@ class StepRecord:
     num_preempted: int
     num_cached_tokens: int  # tokens whose K/V the cache holds during the step's forward pass
     breakdown: MemoryBreakdown | None
-    seconds: dict[str, float]  # host time per phase: schedule, execute, postprocess
+    seconds: dict[str, float]  # wall time per phase: schedule, prepare, forward, sample, postprocess
 
 
 @dataclass
@@ -170,7 +170,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 finished.append(seq)
         t4 = time.perf_counter()
-        record.seconds = {"schedule": t1 - t0, "execute": t3 - t2, "postprocess": t4 - t3}
+        record.seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t3 - t2}),
+                          "postprocess": t4 - t3}
         return finished, record
 
     def _record(self, plan: SchedulerOutput) -> StepRecord:

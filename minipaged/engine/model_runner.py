@@ -24,6 +24,8 @@ memory charts drive thousands of requests of known lengths through the same sche
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -51,12 +53,18 @@ class ModelRunner:
         self.device = cache.device
         self.vocab_size = model.config.vocab_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # batch size -> (graph, its logits)
+        self.last_seconds: dict[str, float] = {}
         if use_cuda_graphs:
             self._capture(max_num_seqs)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
-        """Run one step; returns the next token and its log-probability of each sequence that samples."""
+        """Run one step; returns the next token and its log-probability of each sequence that samples.
+
+        ``last_seconds`` then holds the step's host time per phase: ``prepare`` (inputs and
+        metadata), ``forward`` (the model, waited for) and ``sample``.
+        """
+        start = time.perf_counter()
         seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
         for item in plan.scheduled:
             seq, n = item.seq, item.num_new_tokens
@@ -67,17 +75,26 @@ class ModelRunner:
             if item.samples:
                 last_rows.append(len(input_ids) - 1)
         metadata = self.cache.attention_metadata(seq_ids, num_new)
+        prepared = time.perf_counter()
         if not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
             self._forward(input_ids, positions, metadata)
-            return [], []
-        rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
-        if plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
-            logits = self._replay(input_ids, positions, metadata)[rows]  # [S_sampling, V]
+            logits = None
+        elif plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
+            logits = self._replay(input_ids, positions, metadata)[last_rows]  # [S_sampling, V]
         else:
-            logits = self.model.compute_logits(self._forward(input_ids, positions, metadata)[rows])
-        sampling = [item.seq for item in plan.scheduled if item.samples]
-        tokens, logprobs = sample(logits, self._sampling_batch(sampling))
-        return tokens.tolist(), logprobs.tolist()  # the step's one wait for the GPU
+            hidden = self._forward(input_ids, positions, metadata)[last_rows]  # [S_sampling, hidden]
+            logits = self.model.compute_logits(hidden)  # [S_sampling, V]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that the forward pass's time is its own
+        forwarded = time.perf_counter()
+        tokens, logprobs = [], []
+        if logits is not None:
+            sampling = [item.seq for item in plan.scheduled if item.samples]
+            token_tensor, logprob_tensor = sample(logits, self._sampling_batch(sampling))
+            tokens, logprobs = token_tensor.tolist(), logprob_tensor.tolist()  # the step's wait for the GPU
+        self.last_seconds = {"prepare": prepared - start, "forward": forwarded - prepared,
+                             "sample": time.perf_counter() - forwarded}
+        return tokens, logprobs
 
     def _forward(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
@@ -178,6 +195,8 @@ class StandInRunner:
     the memory a real one of those lengths would, step by step, at no cost: the memory charts
     run thousands of requests through the real scheduler and cache this way.
     """
+
+    last_seconds: dict[str, float] = {}  # nothing to time
 
     def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
         num_sampling = sum(item.samples for item in plan.scheduled)

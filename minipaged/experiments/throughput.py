@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models:
         hf_model = make_model(model_name, device)
         for work in workloads(args.quick):
-            # The large budget runs every request; the memory-bound runs and transformers' (slow)
-            # continuous batching run the first --subset of them.
+            # The large budget runs every request; the memory-bound runs (and transformers' slow
+            # continuous batching on mixed lengths) run the first --subset of them.
             small = work.head(args.subset)
             runs = [("paged", None, work)] + [(system, args.kv_slots, small) for system in SYSTEMS]
             for system, kv_slots, requests in runs:
@@ -244,9 +244,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(rows[-1])
             if args.no_hf:
                 continue
-            baselines = [(run_hf_continuous, small)]
-            if work is small or len(set(work.output_lens)) == 1:  # static batching wastes too long on mixed lengths
-                baselines.append((run_hf_static, work))
+            if len(set(work.output_lens)) == 1:  # equal lengths: every request, and static batching too
+                baselines = [(run_hf_continuous, work), (run_hf_static, work)]
+            else:  # mixed lengths: static batching would idle on padding; continuous is slow, so a subset
+                baselines = [(run_hf_continuous, small)]
             for baseline, requests in baselines:
                 try:
                     row = baseline(hf_model, requests)
