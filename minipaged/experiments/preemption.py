@@ -53,8 +53,8 @@ def copy_per_block(cache: PagedKVCache, seq_id: int) -> None:
     """Out and back in, one copy per block per layer (the paper's swap)."""
     table = cache.block_table(seq_id)
     for layer in range(cache.num_layers):
-        for gpu, cpu in ((cache.k_caches[layer], cache.cpu_k_caches[layer]),
-                         (cache.v_caches[layer], cache.cpu_v_caches[layer])):
+        for gpu, cpu in ((cache.k_caches[layer], cache.cpu_pool.k_caches[layer]),
+                         (cache.v_caches[layer], cache.cpu_pool.v_caches[layer])):
             for i, block in enumerate(table):
                 cpu[i].copy_(gpu[block], non_blocking=True)
             for i, block in enumerate(table):

@@ -10,6 +10,7 @@ block. This is the implementation on every device; it has no separate reference.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -21,8 +22,21 @@ def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
     """
     if block_mapping.numel() == 0:
         return
-    staging = src[block_mapping[:, 0].to(src.device)]
-    # Asynchronous only towards a GPU, where the scatter below is ordered after the copy on the
-    # stream; a copy to the CPU must finish before the CPU scatter reads it.
-    moved = staging.to(dst.device, non_blocking=dst.device.type == "cuda")
-    dst[block_mapping[:, 1].to(dst.device)] = moved
+    sources, targets = block_mapping[:, 0], block_mapping[:, 1]
+    # The CPU side of a transfer with a GPU lives in pinned (page-locked) memory: the GPU's copy
+    # engine reads and writes it directly, at full bus speed. Pageable memory would go through a
+    # bounce buffer at a fraction of it (on an H100, ~3 GB/s instead of ~25 GB/s).
+    pinned = src.device.type != dst.device.type and "cuda" in (src.device.type, dst.device.type)
+    shape = (len(sources), *src.shape[1:])
+    if src.device.type == "cpu":
+        staging = torch.empty(shape, dtype=src.dtype, pin_memory=pinned)
+        torch.index_select(src, 0, sources.to(src.device), out=staging)
+    else:
+        staging = src[sources.to(src.device)]
+    if dst.device.type == "cpu":
+        moved = torch.empty(shape, dtype=dst.dtype, pin_memory=pinned)
+        moved.copy_(staging)  # synchronous: the CPU scatter below reads it
+    else:
+        # Asynchronous: the scatter below runs after the copy on the same stream.
+        moved = staging.to(dst.device, non_blocking=True)
+    dst[targets.to(dst.device)] = moved
