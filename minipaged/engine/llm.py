@@ -286,7 +286,7 @@ class LLM:
         runner = ModelRunner(self.model, cache, max_num_seqs=max_num_seqs,
                              use_cuda_graphs=device.type == "cuda" and not enforce_eager)
         self.engine = LLMEngine(cache, runner, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max(max_num_batched_tokens, 1),
+                                max_num_batched_tokens=max_num_batched_tokens,
                                 preemption_mode=preemption_mode, max_model_len=max_model_len,
                                 eos_token_ids=tuple(config.eos_token_ids), tokenizer=self.tokenizer)
         self.cache = cache
