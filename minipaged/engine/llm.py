@@ -21,6 +21,7 @@ from minipaged.engine.model_runner import ModelRunner
 from minipaged.engine.scheduler import PREEMPTION_MODES, Scheduler, SchedulerOutput
 from minipaged.engine.sequence import SamplingParams, Sequence
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
+from minipaged.kv.block_allocator import blocks_needed
 from minipaged.kv.contiguous import RESERVATIONS
 
 KV_CACHES = ("paged", "contiguous")
@@ -295,9 +296,10 @@ class LLM:
     def _default_num_blocks(self, block_size: int, max_num_seqs: int, max_model_len: int,
                             fraction: float, device: torch.device, dtype: torch.dtype) -> int:
         config = self.model.config
-        needed = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this are never used
+        per_sequence = blocks_needed(max_model_len, block_size)
+        needed = max_num_seqs * per_sequence  # more blocks than this are never used
         if device.type != "cuda":
-            return min(max(256, -(-max_model_len // block_size)), needed)
+            return min(max(256, per_sequence), needed)
         block_bytes = 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, min(int(free * fraction) // block_bytes, needed))

@@ -32,6 +32,7 @@ from torch import Tensor
 from minipaged.engine.sampler import SamplingBatch, sample
 from minipaged.engine.scheduler import SchedulerOutput
 from minipaged.kv import KVCache
+from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
 
 
@@ -124,7 +125,7 @@ class ModelRunner:
         cache.allocate(-1, 1, final_len=1)
         example = cache.attention_metadata([-1], [1])
         cache.free(-1)
-        width = -(-cache.max_seq_len // cache.block_size)  # blocks of the longest sequence
+        width = blocks_needed(cache.max_seq_len, cache.block_size)  # blocks of the longest sequence
         self.static = AttentionMetadata(
             slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),  # -1: write nothing
             context_lens=torch.ones(n, dtype=torch.int32, device=device),

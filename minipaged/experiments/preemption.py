@@ -32,6 +32,7 @@ import torch
 
 from minipaged.experiments.cli import output_dir
 from minipaged.kv import PagedKVCache
+from minipaged.kv.block_allocator import blocks_needed
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -63,7 +64,7 @@ def copy_per_block(cache: PagedKVCache, seq_id: int) -> None:
 
 def measure(model, num_tokens: int, block_size: int, reps: int) -> dict:
     config = model.config
-    num_blocks = -(-num_tokens // block_size)
+    num_blocks = blocks_needed(num_tokens, block_size)
     cache = PagedKVCache(num_blocks, block_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
                          head_dim=config.head_dim, dtype=torch.bfloat16, device="cuda", max_seq_len=num_tokens,
                          num_cpu_blocks=num_blocks)
