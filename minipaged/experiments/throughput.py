@@ -187,21 +187,34 @@ def roofline_seconds(steps, hf_model, bandwidth_tbs: float, tflops: float) -> fl
 
 
 def plot(rows: list[dict], path: Path, gpu: str) -> None:
-    """One panel per (model, workload): output tokens/s of each system, large and memory-bound budgets."""
+    """A row of panels per model, one panel per workload: output tokens/s of each system."""
     from minipaged.experiments.plotting import plt, save
 
-    panels = list(dict.fromkeys((r["model"], r["workload"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, (model, workload) in zip(axes[0], panels):
-        mine = [r for r in rows if (r["model"], r["workload"]) == (model, workload) and "tokens_per_s" in r]
-        labels = [f"{r['system'].removeprefix('minipaged ')}\n({r['budget']})" for r in mine]
-        colors = ["tab:blue" if r["system"].startswith("minipaged paged") else
-                  "tab:orange" if r["system"].startswith("minipaged") else "tab:gray" for r in mine]
-        ax.barh(labels, [r["tokens_per_s"] for r in mine], color=colors)
-        ax.invert_yaxis()
-        ax.set(xscale="log", xlabel="output tokens / s", title=f"{model}\n{workload}")
-        ax.tick_params(axis="y", labelsize=7)
+    rows = [r for r in rows if "tokens_per_s" in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(workloads), figsize=(3.6 * len(workloads), 2.9 * len(models)),
+                             squeeze=False)
+    for ax_row, model in zip(axes, models):
+        for ax, workload in zip(ax_row, workloads):
+            mine = [r for r in rows if (r["model"], r["workload"]) == (model, workload)]
+            budget = mine[0]["budget"] if mine else ""
+            labels = [r["system"].removeprefix("minipaged ").replace("transformers ", "HF ")
+                      + ("" if r["budget"] == budget else "\n(its own KV space)") for r in mine]
+            colors = ["tab:blue" if r["system"] == "minipaged paged" else
+                      "tab:orange" if r["system"].startswith("minipaged") else "tab:gray" for r in mine]
+            values = [float(r["tokens_per_s"]) for r in mine]
+            ax.barh(labels, values, color=colors)
+            for y, value in enumerate(values):
+                ax.text(value, y, f" {value:,.0f}", va="center", fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1.3 * max(values, default=1))
+            ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+            ax.set_title(f"{model}: {workload}\n({budget} KV space)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("output tokens / s", fontsize=7)
     fig.suptitle(f"Serving throughput, {gpu}", fontsize=10)
+    fig.tight_layout()
     save(fig, path)
 
 
