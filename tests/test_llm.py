@@ -141,6 +141,7 @@ def test_the_cumulative_logprob_is_the_sum_of_the_models_logprobs(gqa):
     ([[1, 2], [3]], [GREEDY], "one each"),
     ([[1, 500]], GREEDY, r"\[0, 97\)"),
     ("text", GREEDY, "no tokenizer"),
+    ([[1, 2]], SamplingParams(max_tokens=3, stop="x"), "stop strings need"),
 ])
 def test_bad_requests_are_refused_and_the_engine_serves_the_next_call(gqa, prompts, params, match):
     hf_model, expected = gqa

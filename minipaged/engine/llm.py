@@ -138,6 +138,8 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"a prompt of {n} tokens leaves no room to generate: the model allows "
                              f"max_model_len={self.max_model_len} tokens (prompt + output)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer, and this model has none: use stop_token_ids")
         max_len = min(n + params.max_tokens, self.max_model_len)
         # The longest it can get must fit the cache on its own (ValueError if never; it holds at
         # most max_len - 1 tokens: its last token is never fed back).

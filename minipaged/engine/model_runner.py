@@ -65,6 +65,9 @@ class ModelRunner:
         ``last_seconds`` then holds the step's host time per phase: ``prepare`` (inputs and
         metadata), ``forward`` (the model, waited for) and ``sample``.
         """
+        if not plan.scheduled:  # nothing fits yet (the charts' engine waits for arrivals this way)
+            self.last_seconds = {}
+            return [], []
         start = time.perf_counter()
         seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
         for item in plan.scheduled:
