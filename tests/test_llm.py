@@ -228,3 +228,19 @@ def test_smollm2_strings_chat_and_stop_strings():
     answer = engine.chat([{"role": "user", "content": "What is 2 + 2?"}], SamplingParams(max_tokens=16, temperature=0),
                          use_tqdm=False)[0].outputs[0]
     assert answer.text and answer.finish_reason in ("stop", "length")
+
+
+def test_prefix_caching_reuses_the_shared_blocks_and_changes_no_output(gqa):
+    hf_model, _ = gqa
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # three full blocks of 4
+    prompts = [prefix + [7], prefix + [8, 9], prefix + [10]]
+    plain = llm(hf_model)
+    expected = [generated(plain, [p])[0] for p in prompts]
+    cached = llm(hf_model, enable_prefix_caching=True)
+    outputs, prefilled = [], []
+    for prompt in prompts:  # one after the other: the later ones find the prefix's blocks cached
+        outputs += generated(cached, [prompt])
+        prefilled.append(cached.stats.steps[0].num_batched_tokens)
+    assert outputs == expected
+    assert prefilled == [13, 2, 1]  # the 12 tokens of the three full prefix blocks are computed once
+    assert cached.cache.seq_ids == []
