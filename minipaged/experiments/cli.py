@@ -140,6 +140,15 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def gpu_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """A parser for an experiment that measures a GPU: --out and --quick (``quick`` says how small);
+    the request-trace flags of ``new_parser`` do not apply to it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    return parser
+
+
 def add_dataset(parser: argparse.ArgumentParser, default: list[str], several: bool) -> None:
     """The --dataset flag: a synthetic dataset or a file of lengths, one workload or `several`.
     args.dataset is always a list."""

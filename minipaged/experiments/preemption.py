@@ -21,7 +21,6 @@ Writes DIR/preemption.csv and DIR/preemption.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from minipaged.experiments.cli import output_dir
+from minipaged.experiments.cli import gpu_parser
 from minipaged.kv import PagedKVCache
 from minipaged.kv.block_allocator import blocks_needed
 
@@ -100,9 +99,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
-    parser.add_argument("--quick", action="store_true", help="a 256-token request, 3 repetitions")
+    parser = gpu_parser(__doc__, quick="a 256-token request, 3 repetitions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this experiment times GPU <-> CPU copies and a GPU forward pass: it needs a CUDA GPU")

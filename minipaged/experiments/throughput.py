@@ -23,7 +23,6 @@ Writes DIR/throughput.csv and DIR/throughput.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from minipaged.engine import LLM, SamplingParams
-from minipaged.experiments.cli import integer, output_dir
+from minipaged.experiments.cli import gpu_parser, integer
 from minipaged.experiments.kernel_bench import copy_bandwidth
 from minipaged.workloads import sample_lengths
 
@@ -219,9 +218,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=output_dir, required=True, help="directory for the CSV and PNG files")
-    parser.add_argument("--quick", action="store_true", help="a few requests per workload (a smoke run)")
+    parser = gpu_parser(__doc__, quick="a few requests per workload (a smoke run)")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-1b-shape"],
                         choices=["smollm2-135m", "llama-1b-shape"])
     parser.add_argument("--kv-slots", type=integer(at_least=2048), default=16384,
