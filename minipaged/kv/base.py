@@ -252,12 +252,11 @@ class KVCache(ABC):
         return cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots."""
+        """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots.
+
+        Shapes are checked once, by ``ops.write_to_cache`` (the model calls this for every layer).
+        """
         self._check_layer(layer)
-        expected = (slot_mapping.shape[0], self.num_kv_heads, self.head_dim)
-        for name, tensor in [("key", key), ("value", value)]:
-            if tuple(tensor.shape) != expected:
-                raise ValueError(f"{name} must have shape {list(expected)}, got {list(tensor.shape)}")
         ops.write_to_cache(
             key.to(self.dtype), value.to(self.dtype),
             self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]),
