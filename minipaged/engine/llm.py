@@ -252,7 +252,7 @@ class LLM:
         watermark: float = 0.01,
         enforce_eager: bool = False,
     ) -> None:
-        from minipaged.model import load_model
+        from minipaged.model import load_model  # here: the charts import the engine without transformers
 
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")

@@ -67,6 +67,13 @@ def workloads(quick: bool, seed: int = 0) -> list[Workload]:
     ]
 
 
+def random_prompts(work: Workload, vocab_size: int, low: int = 0) -> list[list[int]]:
+    """The workload's prompts as random token ids in ``[low, vocab_size)``, the same for every system
+    (seeded); static batching left-pads with id 0, so its prompts start at 1."""
+    rng = np.random.default_rng(1)
+    return [rng.integers(low, vocab_size, p).tolist() for p in work.prompt_lens]
+
+
 def make_model(name: str, device: torch.device):
     """SmolLM2-135M with its real weights, or a random-weight model of Llama-3.2-1B's shape (bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -94,9 +101,7 @@ def run_minipaged(hf_model, system: str, work: Workload, kv_slots: int | None, m
     llm = LLM(hf_model, kv_cache, reservation=reservation or "max", block_size=block_size,
               num_blocks=None if kv_slots is None else kv_slots // block_size, max_num_seqs=max_num_seqs,
               max_model_len=2048, max_num_batched_tokens=8192)
-    vocab = hf_model.config.vocab_size
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, vocab, p).tolist() for p in work.prompt_lens]
+    prompts = random_prompts(work, hf_model.config.vocab_size)
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in work.output_lens]
     # Warm-up: the first prompts, as long as in the run, so that every kernel the run needs (a
     # full chunk of prefill included) is compiled before the clock starts.
@@ -122,9 +127,7 @@ def run_hf_continuous(hf_model, work: Workload) -> dict:
     """transformers' continuous batching, one request per prompt with its own output length."""
     from transformers import GenerationConfig
 
-    vocab = hf_model.config.vocab_size
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, vocab, p).tolist() for p in work.prompt_lens]
+    prompts = random_prompts(work, hf_model.config.vocab_size)
     config = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1,
                               pad_token_id=0)
     hf_model.generation_config = config
@@ -151,9 +154,7 @@ def run_hf_continuous(hf_model, work: Workload) -> dict:
 
 def run_hf_static(hf_model, work: Workload, batch: int = 64) -> dict:
     """Static batching: batches of 64, left-padded, each run until its longest output is done."""
-    vocab = hf_model.config.vocab_size
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(1, vocab, p).tolist() for p in work.prompt_lens]
+    prompts = random_prompts(work, hf_model.config.vocab_size, low=1)
     tokens = 0
     start = time.perf_counter()
     for first in range(0, len(prompts), batch):
