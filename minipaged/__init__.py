@@ -6,7 +6,7 @@ cache, ``minipaged.engine`` the scheduler and the ``LLM`` facade, ``minipaged.wo
 ``minipaged.experiments`` the traces and the paper's charts.
 """
 
-from minipaged.engine import LLM, SamplingParams
+from minipaged.engine import LLM, BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "SamplingParams"]
 __version__ = "0.1.0"

@@ -16,22 +16,17 @@ def engine_for(cache, *, max_num_seqs=64, max_num_batched_tokens=10_000, preempt
 
 
 def add(engine, prompt_len: int, output_len: int):
-    seq = engine.make_sequence([1] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True))
-    engine.add(seq)
-    return seq
+    group = engine.make_request([1] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True))
+    engine.add(group)
+    return group.seqs[0]
 
 
 def plans(engine, steps: int) -> list[list[tuple[int, int]]]:
     """(seq_id, tokens fed) of each scheduled sequence, step by step."""
     out = []
     for _ in range(steps):
-        plan = engine.scheduler.schedule()
-        out.append([(s.seq.seq_id, s.num_new_tokens) for s in plan.scheduled])
-        tokens, logprobs = engine.runner.execute(plan)
-        for item, token in zip([s for s in plan.scheduled if s.samples], tokens):
-            item.seq.token_ids.append(token)
-            if engine._check_stop(item.seq, token):
-                engine.scheduler.finish(item.seq)
+        engine.step()
+        out.append([(s.seq.seq_id, s.num_new_tokens) for s in engine.last_plan.scheduled])
     return out
 
 

@@ -1,10 +1,12 @@
-"""The facade users call: ``LLM.generate`` (vLLM's API), over the engine loop (paper §4.5, §5).
+"""The facade users call: ``LLM.generate`` and ``LLM.beam_search`` (vLLM's API), over the
+engine loop (paper §4.4, §4.5, §5).
 
 ``LLMEngine`` is the loop: requests are added, and each ``step`` asks the scheduler for a plan,
-has the runner execute it (the transformer, or the charts' stand-in), appends each sampled
-token to its sequence and retires finished sequences. ``LLM`` builds a model, a cache, a
-scheduler and a runner from a few arguments, turns prompts into requests, runs the loop to the
-end with a progress bar, and returns vLLM-shaped outputs with the run's statistics.
+has the runner execute it (the transformer, or the charts' stand-in), samples from the logits,
+applies the tokens to their requests (forking samples and beams, dropping losing beams) and
+retires finished requests. ``LLM`` builds a model, a cache, a scheduler and a runner from a few
+arguments, turns prompts into requests, runs the loop to the end with a progress bar, and
+returns vLLM-shaped outputs with the run's statistics.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from minipaged.engine.beam_search import beam_step, is_done, penalized
 from minipaged.engine.model_runner import ModelRunner
-from minipaged.engine.scheduler import PREEMPTION_MODES, Scheduler, SchedulerOutput
-from minipaged.engine.sequence import SamplingParams, Sequence
+from minipaged.engine.sampler import child_seed, sample, sampling_batch
+from minipaged.engine.scheduler import PREEMPTION_MODES, ScheduledSequence, Scheduler, SchedulerOutput
+from minipaged.engine.sequence import BeamSearchParams, SamplingParams, Sequence, SequenceGroup
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.kv.contiguous import RESERVATIONS
@@ -52,7 +58,9 @@ class StepRecord:
     num_waiting: int
     num_batched_tokens: int
     num_preempted: int
-    num_cached_tokens: int  # tokens whose K/V the cache holds during the step's forward pass
+    num_cached_tokens: int  # tokens whose K/V the cache holds during the step's forward pass (per sequence)
+    num_table_blocks: int  # blocks in the block tables, a shared block once per table holding it
+    num_used_blocks: int  # distinct blocks in use: fewer than num_table_blocks when blocks are shared
     breakdown: MemoryBreakdown | None
     seconds: dict[str, float]  # wall time per phase: schedule, prepare, forward, sample, postprocess
 
@@ -106,7 +114,14 @@ class RunStats:
 
 
 class LLMEngine:
-    """The loop: a scheduler over a cache, a runner, and the sequences in flight."""
+    """The loop: a scheduler over a cache, a runner, and the requests in flight.
+
+    After each forward pass the engine turns logits into tokens and applies them to the groups:
+    a plain sample appends its token; a request's first sample with ``n > 1`` forks ``n - 1``
+    children from the prompt (they share its blocks); a beam-search step forks the beams chosen
+    twice and drops the beams chosen by no one (``minipaged.engine.beam_search``). It only *says*
+    so on the group (``forks``, ``dropped``); the scheduler changes the cache at the next step.
+    """
 
     def __init__(
         self,
@@ -125,12 +140,14 @@ class LLMEngine:
         self.scheduler = Scheduler(cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    preemption_mode=preemption_mode)
         self.max_model_len = max_model_len or cache.max_seq_len
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = tuple(eos_token_ids)
         self.measure_memory = measure_memory
+        self.observers: list[Callable[[LLMEngine], None]] = []  # called after every step (e.g. minipaged.viz.Recorder)
+        self.last_plan: SchedulerOutput | None = None
         self._next_id = 0
 
-    def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float = 0.0,
-                      seq_id: int | None = None) -> Sequence:
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams | BeamSearchParams,
+                     arrival_time: float = 0.0, request_id: int | None = None) -> SequenceGroup:
         """A request checked against the model and the cache; nothing is allocated or queued."""
         n = len(prompt_token_ids)
         if n == 0:
@@ -140,55 +157,157 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len} tokens (prompt + output)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the model's tokenizer, and this model has none: use stop_token_ids")
+        width = params.n
+        if width > self.scheduler.max_num_seqs:
+            raise ValueError(f"a group of {width} sequences (n or beam_width) cannot run in a batch of "
+                             f"max_num_seqs={self.scheduler.max_num_seqs}")
         max_len = min(n + params.max_tokens, self.max_model_len)
         # The longest it can get must fit the cache on its own (ValueError if never; it holds at
-        # most max_len - 1 tokens: its last token is never fed back).
+        # most max_len - 1 tokens: its last token is never fed back), and so must the whole group,
+        # even if its sequences ended up sharing nothing.
         self.cache.can_allocate(max_len - 1, max_len)
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
-        if seq_id is None:
-            seq_id, self._next_id = self._next_id, self._next_id + 1
-        return Sequence(seq_id, list(prompt_token_ids), params, seed, max_len, arrival_time)
+        if width > 1 and not self.cache.can_ever_hold(width, max_len - 1, max_len):
+            raise ValueError(f"{width} sequences of up to {max_len} tokens (n or beam_width) can never fit in this "
+                             f"KV cache of {self.cache.capacity} token slots: lower n/beam_width or max_tokens")
+        seed = getattr(params, "seed", None)
+        seed = seed if seed is not None else random.getrandbits(31)
+        request_id = self._new_id() if request_id is None else request_id
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed, max_len, n)
+        return SequenceGroup(request_id, [seq], params, arrival_time)
 
-    def add(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+    def _new_id(self) -> int:
+        """A fresh id for a request or a sequence (a request's first sequence takes its id)."""
+        self._next_id += 1
+        return self._next_id - 1
+
+    def add(self, group: SequenceGroup) -> None:
+        self._next_id = max(self._next_id, group.request_id + 1)
+        self.scheduler.add(group)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> tuple[list[Sequence], StepRecord]:
-        """One iteration: schedule, execute, append the sampled tokens; returns the finished sequences."""
+    def step(self) -> tuple[list[SequenceGroup], StepRecord]:
+        """One iteration: schedule, execute, apply the sampled tokens; returns the finished requests."""
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
+        plan = self.last_plan = self.scheduler.schedule()
         t1 = time.perf_counter()
         record = self._record(plan)
+        logits = self.runner.execute(plan)
         t2 = time.perf_counter()
-        tokens, logprobs = self.runner.execute(plan)
-        t3 = time.perf_counter()
         finished = []
-        sampling = (item.seq for item in plan.scheduled if item.samples)
-        for seq, token, logprob in zip(sampling, tokens, logprobs, strict=True):
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if self._check_stop(seq, token):
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        t4 = time.perf_counter()
-        record.seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t3 - t2}),
-                          "postprocess": t4 - t3}
+        if logits is not None:
+            sampling = [item for item in plan.scheduled if item.samples]
+            finished = self._sample(logits, sampling)
+        t3 = time.perf_counter()
+        record.seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t2 - t1}),
+                          "sample": t3 - t2}
+        for observer in self.observers:
+            observer(self)
         return finished, record
+
+    # -- after the forward pass: tokens into groups ----------------------------------------
+    def _sample(self, logits: Tensor, sampling: list[ScheduledSequence]) -> list[SequenceGroup]:
+        """Tokens for every sequence that samples (``logits`` row ``i`` is ``sampling[i]``'s)."""
+        draws: list[tuple[int, ScheduledSequence, int]] = []  # (row, item, sample index)
+        beams: dict[int, tuple[SequenceGroup, list[int]]] = {}  # a beam search's rows, all its beams
+        for row, item in enumerate(sampling):
+            if item.group.is_beam_search:
+                beams.setdefault(item.group.request_id, (item.group, []))[1].append(row)
+            elif len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # a request's first token: n draws
+                draws += [(row, item, index) for index in range(item.group.width)]
+            else:
+                draws.append((row, item, item.seq.index))
+        if draws:
+            batch = sampling_batch([(item.seq.params, child_seed(item.seq.seed, index), len(item.seq.token_ids))
+                                    for _, item, index in draws], logits.shape[-1], logits.device)
+            tokens, logprobs = sample(logits[[row for row, _, _ in draws]], batch)
+            # Children first: they take the prompt as it is, before its first sample joins it.
+            seqs = [self._fork(item.group, item.seq, index) if index != item.seq.index else item.seq
+                    for _, item, index in draws]
+            for (_, item, _), seq in zip(draws, seqs):
+                if seq is not item.seq:
+                    item.group.seqs.append(seq)
+            for (_, item, _), seq, token, logprob in zip(draws, seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+                self._extend(item.group, seq, token, logprob)
+        for group, rows in beams.values():
+            self._beam_step(group, torch.log_softmax(logits[rows].float(), dim=-1))
+        finished = []
+        for group in {item.group.request_id: item.group for item in sampling}.values():
+            if not group.seqs:
+                self.scheduler.finish(group)
+                finished.append(group)
+        return finished
+
+    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        """A new sequence holding ``parent``'s tokens. The cache forks it at the start of the next
+        step, sharing every block: copy-on-write happens when it first appends into a shared,
+        partly filled block, not here."""
+        child = parent.fork(self._new_id(), index)
+        group.forks.append((parent, child))
+        return child
+
+    def _extend(self, group: SequenceGroup, seq: Sequence, token: int, logprob: float) -> None:
+        """Append a sampled token; a sequence that stops leaves the group's live sequences."""
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if self._check_stop(seq, token):
+            group.seqs.remove(seq)
+            group.finished.append(seq)
+            if any(child is seq for _, child in group.forks):  # never reached the cache: nothing to free
+                group.forks = [(parent, child) for parent, child in group.forks if child is not seq]
+            else:
+                group.dropped.append(seq)
+
+    def _beam_step(self, group: SequenceGroup, logprobs: Tensor) -> None:
+        """One beam-search step for ``group``, whose live beams produced ``logprobs`` ``[B, V]``."""
+        params, beams = group.params, group.seqs
+        num_generated = len(beams[0].token_ids) - beams[0].num_prompt_tokens
+        eos = () if params.ignore_eos else self.eos_token_ids
+        step = beam_step(logprobs, [beam.cumulative_logprob for beam in beams], beam_width=params.beam_width,
+                         num_generated=num_generated, max_new_tokens=beams[0].max_len - beams[0].num_prompt_tokens,
+                         eos_token_ids=eos, length_penalty=params.length_penalty)
+        # Finished hypotheses: the best beam_width of the old and the new ones.
+        for candidate, _ in step.ended:
+            hypothesis = beams[candidate.parent].fork(-1)
+            hypothesis.token_ids.append(candidate.token)
+            hypothesis.cumulative_logprob = candidate.cumulative_logprob
+            hypothesis.finish_reason = "stop" if candidate.token in eos else "length"
+            group.finished.append(hypothesis)
+        group.finished.sort(key=lambda h: -_beam_score(h))
+        del group.finished[params.beam_width:]
+        # The next beams: a beam chosen once continues itself, one chosen again is forked (before
+        # any of them takes its token), one chosen by no one is dropped.
+        group.seqs, chosen = [], set()
+        for rank, candidate in enumerate(step.beams):
+            parent = beams[candidate.parent]
+            group.seqs.append(parent if candidate.parent not in chosen else self._fork(group, parent, rank))
+            chosen.add(candidate.parent)
+        group.dropped += [beam for i, beam in enumerate(beams) if i not in chosen]
+        for beam, candidate in zip(group.seqs, step.beams):
+            beam.token_ids.append(candidate.token)
+            beam.cumulative_logprob = candidate.cumulative_logprob
+        best = step.beams[0].cumulative_logprob if step.beams else None
+        if is_done(best, [_beam_score(h) for h in group.finished], beam_width=params.beam_width,
+                   num_generated=num_generated + 1, length_penalty=params.length_penalty):
+            group.dropped += group.seqs
+            group.seqs = []
 
     def _record(self, plan: SchedulerOutput) -> StepRecord:
         scheduler = self.scheduler
         breakdown = None
         if self.measure_memory:
-            head = scheduler.waiting[0] if scheduler.waiting else None
+            head = scheduler.waiting[0].seqs[0] if scheduler.waiting else None
             breakdown = self.cache.memory_breakdown(None if head is None else (len(head.token_ids), head.max_len))
+        table_blocks, used_blocks = self.cache.blocks_in_use()
         return StepRecord(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting) + len(scheduler.swapped),
+            num_running=scheduler.num_running_seqs,
+            num_waiting=sum(len(g.seqs) for g in scheduler.waiting) + sum(len(g.seqs) for g in scheduler.swapped),
             num_batched_tokens=plan.num_batched_tokens,
             num_preempted=plan.num_preempted,
-            num_cached_tokens=sum(s.num_cached for s in scheduler.running),
+            num_cached_tokens=sum(seq.num_cached for group in scheduler.running for seq in group.seqs),
+            num_table_blocks=table_blocks,
+            num_used_blocks=used_blocks,
             breakdown=breakdown,
             seconds={},
         )
@@ -212,6 +331,12 @@ class LLMEngine:
                 seq.text = text[:at]
                 return True
         return False
+
+
+
+def _beam_score(hypothesis: Sequence) -> float:
+    """A finished hypothesis' length-penalized score (what beam search ranks them by)."""
+    return penalized(hypothesis.cumulative_logprob, len(hypothesis.output_token_ids), hypothesis.params.length_penalty)
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -313,16 +438,39 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Complete every prompt (a string, or a list of token ids); outputs in the prompts' order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Complete every prompt (a string, or a list of token ids); outputs in the prompts' order,
+        each with ``n`` completions in the order of their samples."""
+        prompts = self._prompt_list(prompts)
         params = sampling_params or SamplingParams()
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts: pass one, or one each")
         # Every request is checked before any is queued, so a bad one leaves the engine untouched.
-        seqs = [self.engine.make_sequence(self._encode(p), sp) for p, sp in zip(prompts, param_list)]
-        return self._run(prompts, seqs, use_tqdm)
+        groups = [self.engine.make_request(self._encode(p), sp) for p, sp in zip(prompts, param_list)]
+        return self._run(prompts, groups, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """The ``beam_width`` most likely completions of every prompt, best first (see
+        ``minipaged.engine.beam_search`` for the rule, transformers' own). The beams of a prompt
+        share their common history's blocks in the paged cache; in the contiguous cache each
+        beam holds a slab of its own, copied when it forks."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
+        prompts = self._prompt_list(prompts)
+        groups = [self.engine.make_request(self._encode(p), params) for p in prompts]
+        return self._run(prompts, groups, use_tqdm)
+
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return prompts
 
     def chat(
         self,
@@ -353,25 +501,31 @@ class LLM:
             raise ValueError(f"token ids must be in [0, {vocab})")
         return list(prompt)
 
-    def _run(self, prompts: list, seqs: list[Sequence], use_tqdm: bool) -> list[RequestOutput]:
-        stats = self.stats = RunStats(num_requests=len(seqs), kv_capacity=self.cache.capacity,
-                                      num_prompt_tokens=sum(len(s.token_ids) for s in seqs))
-        for seq in seqs:
-            self.engine.add(seq)
+    def _run(self, prompts: list, groups: list[SequenceGroup], use_tqdm: bool) -> list[RequestOutput]:
+        stats = self.stats = RunStats(num_requests=len(groups), kv_capacity=self.cache.capacity,
+                                      num_prompt_tokens=sum(len(g.seqs[0].token_ids) for g in groups))
+        for group in groups:
+            self.engine.add(group)
         start = time.perf_counter()
-        with tqdm(total=len(seqs), desc="requests", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(groups), desc="requests", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 finished, record = self.engine.step()
                 stats.steps.append(record)
                 bar.update(len(finished))
         stats.elapsed = time.perf_counter() - start
-        stats.num_output_tokens = sum(len(s.output_token_ids) for s in seqs)
-        return [self._output(prompt, seq) for prompt, seq in zip(prompts, seqs)]
+        stats.num_output_tokens = sum(len(seq.output_token_ids) for g in groups for seq in g.finished)
+        return [self._output(prompt, group) for prompt, group in zip(prompts, groups)]
 
-    def _output(self, prompt: str | list[int], seq: Sequence) -> RequestOutput:
-        text = seq.text
-        if not text and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        completion = CompletionOutput(0, text, seq.output_token_ids, seq.cumulative_logprob, seq.finish_reason)
-        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
-                             seq.token_ids[: seq.num_prompt_tokens], [completion])
+    def _output(self, prompt: str | list[int], group: SequenceGroup) -> RequestOutput:
+        completions = []
+        # Samples in the order they were drawn; beam hypotheses as ranked (best first).
+        ranked = group.finished if group.is_beam_search else sorted(group.finished, key=lambda seq: seq.index)
+        for index, seq in enumerate(ranked):
+            text = seq.text
+            if not text and self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            completions.append(CompletionOutput(index, text, seq.output_token_ids, seq.cumulative_logprob,
+                                                seq.finish_reason))
+        first = ranked[0]
+        return RequestOutput(group.request_id, prompt if isinstance(prompt, str) else None,
+                             first.token_ids[: first.num_prompt_tokens], completions)

@@ -7,8 +7,8 @@ The one place where a step becomes GPU work. For a plan it builds, once per step
 * the attention metadata ``[T]``/``[S]``: built by the cache (``attention_metadata``), which
   alone knows whether tokens live in blocks or slabs;
 
-then runs the transformer, keeps the hidden state of each sequence's last token when the
-step yields its next token, and samples.
+then runs the transformer and keeps the logits of each sequence's last token when the step
+yields its next token (the engine samples from them).
 
 **CUDA graphs.** A small model's decode step is hundreds of tiny kernel launches: launched from
 Python one by one, the GPU waits on the host. So on a GPU, decode steps are captured once per
@@ -29,7 +29,6 @@ import time
 import torch
 from torch import Tensor
 
-from minipaged.engine.sampler import SamplingBatch, sample
 from minipaged.engine.scheduler import SchedulerOutput
 from minipaged.kv import KVCache
 from minipaged.kv.block_allocator import blocks_needed
@@ -59,15 +58,16 @@ class ModelRunner:
             self._capture(max_num_seqs)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
-        """Run one step; returns the next token and its log-probability of each sequence that samples.
+    def execute(self, plan: SchedulerOutput) -> Tensor | None:
+        """Run one step; returns the logits ``[S, V]`` of the ``S`` sequences that sample (in the
+        plan's order), or None when none does. The engine samples from them.
 
         ``last_seconds`` then holds the step's host time per phase: ``prepare`` (inputs and
-        metadata), ``forward`` (the model, waited for) and ``sample``.
+        metadata) and ``forward`` (the model, waited for).
         """
         if not plan.scheduled:  # nothing fits yet (the charts' engine waits for arrivals this way)
             self.last_seconds = {}
-            return [], []
+            return None
         start = time.perf_counter()
         seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
         for item in plan.scheduled:
@@ -84,41 +84,19 @@ class ModelRunner:
             self._forward(input_ids, positions, metadata)
             logits = None
         elif plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
-            logits = self._replay(input_ids, positions, metadata)[last_rows]  # [S_sampling, V]
+            logits = self._replay(input_ids, positions, metadata)[last_rows]  # [S, V]
         else:
-            hidden = self._forward(input_ids, positions, metadata)[last_rows]  # [S_sampling, hidden]
-            logits = self.model.compute_logits(hidden)  # [S_sampling, V]
+            hidden = self._forward(input_ids, positions, metadata)[last_rows]  # [S, hidden]
+            logits = self.model.compute_logits(hidden)  # [S, V]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so that the forward pass's time is its own
-        forwarded = time.perf_counter()
-        tokens, logprobs = [], []
-        if logits is not None:
-            sampling = [item.seq for item in plan.scheduled if item.samples]
-            token_tensor, logprob_tensor = sample(logits, self._sampling_batch(sampling))
-            tokens, logprobs = token_tensor.tolist(), logprob_tensor.tolist()  # the step's wait for the GPU
-        self.last_seconds = {"prepare": prepared - start, "forward": forwarded - prepared,
-                             "sample": time.perf_counter() - forwarded}
-        return tokens, logprobs
+        self.last_seconds = {"prepare": prepared - start, "forward": time.perf_counter() - prepared}
+        return logits
 
     def _forward(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         return self.model(ids, pos, self.cache, metadata)  # [T, hidden]
-
-    def _sampling_batch(self, seqs: list) -> SamplingBatch | None:
-        """The rows' settings on the GPU in one copy; None when every row is greedy."""
-        params = [s.params for s in seqs]
-        if all(p.temperature == 0 for p in params):
-            return None
-        columns = torch.tensor([  # float64 holds every seed (< 2**31) and position exactly
-            [p.temperature for p in params],
-            [p.top_k if p.top_k > 0 else self.vocab_size for p in params],
-            [p.top_p for p in params],
-            [s.seed for s in seqs],
-            [len(s.token_ids) for s in seqs],
-        ], dtype=torch.float64).to(self.device)
-        temperatures, top_ks, top_ps, seeds, positions = columns
-        return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())
 
     @torch.inference_mode()
     def _capture(self, max_num_seqs: int) -> None:
@@ -197,11 +175,12 @@ class StandInRunner:
 
     With ``SamplingParams(max_tokens=output_len, ignore_eos=True)`` a request then holds exactly
     the memory a real one of those lengths would, step by step, at no cost: the memory charts
-    run thousands of requests through the real scheduler and cache this way.
+    run thousands of requests through the real scheduler and cache this way. Its "logits" are a
+    vocabulary of one token, so greedy or not, the sampler draws token 0 with probability 1.
     """
 
     last_seconds: dict[str, float] = {}  # nothing to time
 
-    def execute(self, plan: SchedulerOutput) -> tuple[list[int], list[float]]:
+    def execute(self, plan: SchedulerOutput) -> Tensor | None:
         num_sampling = sum(item.samples for item in plan.scheduled)
-        return [0] * num_sampling, [0.0] * num_sampling
+        return torch.zeros(num_sampling, 1) if num_sampling else None

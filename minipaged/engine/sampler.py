@@ -33,6 +33,30 @@ class SamplingBatch:
     positions: Tensor  # int64 [B]: the position of the token being sampled (its index in the sequence)
 
 
+def sampling_batch(rows: list[tuple[object, int, int]], vocab_size: int, device: torch.device) -> SamplingBatch | None:
+    """The settings of rows ``(params, seed, position)`` on ``device`` in one copy; None when
+    every row is greedy."""
+    if all(params.temperature == 0 for params, _, _ in rows):
+        return None
+    columns = torch.tensor([  # float64 holds every seed (< 2**31) and position exactly
+        [params.temperature for params, _, _ in rows],
+        [params.top_k if params.top_k > 0 else vocab_size for params, _, _ in rows],
+        [params.top_p for params, _, _ in rows],
+        [seed for _, seed, _ in rows],
+        [position for _, _, position in rows],
+    ], dtype=torch.float64).to(device)
+    temperatures, top_ks, top_ps, seeds, positions = columns
+    return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request seeded ``seed`` (parallel sampling, n > 1):
+    sample 0 keeps the request's seed, so ``n=1`` draws what it always drew."""
+    if index == 0:
+        return seed
+    return int(_hash32(torch.tensor(seed ^ (index * 0x9E3779B1 & _MASK32)))) & 0x7FFFFFFF
+
+
 def _hash32(x: Tensor) -> Tensor:
     """A 32-bit integer mixer (xor-shift-multiply, as in C. Wellons' hash prospector) on int64
     tensors holding values < 2**32; both multipliers are < 2**31, so no product overflows int64."""

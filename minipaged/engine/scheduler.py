@@ -6,23 +6,34 @@ tensors: it returns a plain plan, and it sees the cache only through the ``KVCac
 interface, so the same code schedules the paged and the contiguous cache, and the same code
 serves a real transformer (``LLM``) and the known-lengths stand-in of the memory charts.
 
+It schedules *groups* (``SequenceGroup``): one request's sequences, one for a plain request, up
+to ``n`` for parallel sampling and ``beam_width`` for beam search (§4.4). A group is admitted,
+preempted and resumed whole (§4.5: "all-or-nothing"), and it keeps ``width`` seats in the batch
+from admission on, so that its forks always find one.
+
 One step, in this order (as vLLM's scheduler, and Orca's iteration-level scheduling):
 
-1. **Running sequences** (oldest first) each feed their next token (decode), or their next
-   chunk of prompt (chunked prefill). Each needs room for those tokens (``append_slots``). When
-   the cache has none, the *newest* running sequence is preempted (§4.5: all-or-nothing, the
-   latest-arrived first) until there is room or the sequence preempted itself:
-   * ``recompute``: its memory is freed and it goes back to the front of the waiting queue, to
-     be prefilled again from every token it had (prompt + generated);
+1. **Running groups** (oldest first). First the cache catches up with what the engine did last
+   step: children it forked are forked in the cache (sharing every block: copy-on-write happens
+   at the next append, not here), and sequences it dropped are freed. Then each sequence feeds
+   its next token (decode), or its next chunk of prompt (chunked prefill), and needs room for
+   those tokens (``can_append_many``, then ``append_slots``). When the cache has none, the
+   *newest* running group is preempted (the latest-arrived first) until there is room or the
+   group preempted itself:
+   * ``recompute``: its memory is freed and it goes back to the front of the waiting queue, each
+     sequence to be prefilled again from every token it had (prompt + generated);
    * ``swap``: its K/V moves to the CPU pool (falling back to recompute when that is full) and
      it waits in the swapped queue.
-2. **Swapped sequences** come back (oldest first) when no one was preempted this step.
-3. **Waiting sequences** are admitted first come, first served while the cache can allocate
-   them, the batch has room (``max_num_seqs``) and the step has tokens left
+2. **Swapped groups** come back (oldest first) when no one was preempted this step.
+3. **Waiting groups** are admitted first come, first served while the cache can allocate
+   them, the batch has seats (``max_num_seqs``) and the step has tokens left
    (``max_num_batched_tokens``); nothing overtakes the head of the queue. A prompt longer than
    what is left of the step's tokens is admitted with its first chunk (chunked prefill).
 
 A sequence samples its next token in a step whose tokens reach the end of its ``token_ids``.
+The beams of a beam search must all sample in the same step (each step ranks every beam's
+continuations together), so after a recompute they are fed up to their last token first and
+then take that last step together.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from minipaged.engine.sequence import Sequence, Status
+from minipaged.engine.sequence import Sequence, SequenceGroup, Status
 from minipaged.kv import KVCache, KVCacheFull
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -42,6 +53,7 @@ class ScheduledSequence:
     ``seq.num_cached`` (room for them is already made in the cache)."""
 
     seq: Sequence
+    group: SequenceGroup
     num_new_tokens: int
 
     @property
@@ -54,7 +66,7 @@ class ScheduledSequence:
 class SchedulerOutput:
     """The plan of one step: who runs with how many tokens, and what happened to memory."""
 
-    scheduled: list[ScheduledSequence]  # running sequences first (oldest first), then admitted ones
+    scheduled: list[ScheduledSequence]  # running groups first (oldest first), then admitted ones
     num_preempted: int
 
     @property
@@ -68,7 +80,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Queues of waiting, running and swapped sequences over one KV cache."""
+    """Queues of waiting, running and swapped groups over one KV cache."""
 
     def __init__(
         self, cache: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int, preemption_mode: str = "recompute"
@@ -77,23 +89,29 @@ class Scheduler:
         self.cache = cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.preemption_mode = preemption_mode
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in order of admission
-        self.swapped: deque[Sequence] = deque()
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []  # in order of admission
+        self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        assert seq.status is Status.WAITING and seq.num_cached == 0
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        assert group.status is Status.WAITING and all(seq.num_cached == 0 for seq in group.seqs)
+        self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def finish(self, seq: Sequence) -> None:
-        """A running sequence is done: its memory goes back to the cache."""
-        self.running.remove(seq)
-        self.cache.free(seq.seq_id)
-        seq.status = Status.FINISHED
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(group.seqs) for group in self.running)
+
+    def finish(self, group: SequenceGroup) -> None:
+        """A running group is done: every sequence it still holds goes back to the cache."""
+        self.running.remove(group)
+        for seq_id in self._held(group):
+            self.cache.free(seq_id)
+        group.seqs, group.forks, group.dropped = [], [], []
+        group.status = Status.FINISHED
 
     # -- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -101,74 +119,142 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted_before = self.num_preemptions
 
-        # 1. Running sequences, oldest first; make room by preempting the newest. (Asking
-        #    ``append_slots`` and catching KVCacheFull, which leaves the cache unchanged, costs one
-        #    look at the block table where ``can_append`` first would cost two: this loop runs for
-        #    every sequence at every step.)
+        # 1. Running groups, oldest first; make room by preempting the newest.
         index = 0
         while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_uncached, budget)
-            try:
-                scheduled.append(self._append(seq, num_new))
-            except KVCacheFull:
-                self._preempt(self.running.pop())  # the newest; if that was seq itself, the loop ends
+            group = self.running[index]
+            if not self._catch_up(group):
+                self._preempt(self.running.pop())  # the newest; if that was this group, the loop ends
                 continue
-            budget -= num_new
+            appends = self._next_tokens(group, budget)
+            if not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
+                self._preempt(self.running.pop())
+                continue
+            scheduled += [self._append(group, seq, n) for seq, n in appends]
+            budget -= sum(n for _, n in appends)
             index += 1
+        seats = sum(group.width for group in self.running)
 
-        # 2. Swapped sequences come back while nothing needs preempting.
+        # 2. Swapped groups come back while nothing needs preempting.
         while self.swapped and self.num_preemptions == preempted_before and budget > 0 \
-                and len(self.running) < self.max_num_seqs:
-            seq = self.swapped[0]
-            num_new = min(seq.num_uncached, budget)
+                and seats + self.swapped[0].width <= self.max_num_seqs:
+            group = self.swapped[0]
+            seq_ids = [seq.seq_id for seq in group.seqs if self.cache.is_swapped(seq.seq_id)]
             try:
-                self.cache.swap_in([seq.seq_id])
+                self.cache.swap_in(seq_ids)
             except KVCacheFull:
                 break
-            if not self.cache.can_append(seq.seq_id, num_new):
-                self.cache.swap_out([seq.seq_id])  # no room to grow after all: leave it swapped
+            appends = self._next_tokens(group, budget)
+            if not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
+                self.cache.swap_out(seq_ids)  # no room to grow after all: leave it swapped
                 break
             self.swapped.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            scheduled.append(self._append(seq, num_new))
-            budget -= num_new
+            group.status = Status.RUNNING
+            self.running.append(group)
+            seats += group.width
+            scheduled += [self._append(group, seq, n) for seq, n in appends]
+            budget -= sum(n for _, n in appends)
 
-        # 3. Waiting sequences, first come first served, while they fit.
-        while self.waiting and not self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_tokens = min(len(seq.token_ids), budget)
-            token_ids = seq.token_ids[:num_tokens] if self.cache.uses_token_ids else None
-            if not self.cache.can_allocate(num_tokens, seq.max_len, token_ids):
+        # 3. Waiting groups, first come first served, while they fit.
+        while self.waiting and not self.swapped and budget >= len(self.waiting[0].seqs) \
+                and seats + self.waiting[0].width <= self.max_num_seqs:
+            group = self.waiting[0]
+            chunks = self._first_chunks(group, budget)
+            requests = [(n, seq.max_len, self._token_ids(seq, 0, n)) for seq, n in chunks]
+            if not self.cache.can_allocate_many(requests):
                 break
-            num_cached = self.cache.allocate(seq.seq_id, num_tokens, seq.max_len, token_ids)
             self.waiting.popleft()
-            seq.status, seq.num_cached = Status.RUNNING, num_tokens
-            self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, num_tokens - num_cached))
-            budget -= num_tokens - num_cached
+            group.status = Status.RUNNING
+            self.running.append(group)
+            seats += group.width
+            for (seq, n), request in zip(chunks, requests):
+                num_cached = self.cache.allocate(seq.seq_id, *request)
+                seq.num_cached = n
+                scheduled.append(ScheduledSequence(seq, group, n - num_cached))
+                budget -= n - num_cached
         return SchedulerOutput(scheduled, self.num_preemptions - preempted_before)
 
-    def _append(self, seq: Sequence, num_new: int) -> ScheduledSequence:
-        """Room in the cache for a running sequence's next ``num_new`` tokens."""
-        start = seq.num_cached
-        token_ids = seq.token_ids[start:start + num_new] if self.cache.uses_token_ids else None
-        self.cache.append_slots(seq.seq_id, num_new, token_ids)
-        seq.num_cached += num_new
-        return ScheduledSequence(seq, num_new)
+    # -- what a group feeds ----------------------------------------------------------------
+    def _next_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        """``(sequence, tokens to feed)`` for a group in the cache, within ``budget`` tokens."""
+        targets = self._targets(group)
+        out = []
+        for seq, target in zip(group.seqs, targets):
+            n = min(target - seq.num_cached, budget)
+            if n > 0:
+                out.append((seq, n))
+                budget -= n
+        beams_sample_together = group.is_beam_search and targets[0] == len(group.seqs[0].token_ids)
+        if beams_sample_together and len(out) < len(group.seqs):
+            return []  # the beams' common step does not fit in what is left of this step's budget
+        return out
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.num_preemptions += 1
-        if self.preemption_mode == "swap":
+    @staticmethod
+    def _targets(group: SequenceGroup) -> list[int]:
+        """How far each sequence is fed: to its end, except beams catching up after a recompute,
+        which stop one token short until every beam is there (then they sample together)."""
+        lengths = [len(seq.token_ids) for seq in group.seqs]
+        if group.is_beam_search and len(group.seqs) > 1 and any(
+                len(seq.token_ids) - seq.num_cached > 1 for seq in group.seqs):
+            return [n - 1 for n in lengths]
+        return lengths
+
+    def _first_chunks(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        """The tokens each sequence of a waiting group is admitted with: at least one each."""
+        chunks = []
+        for i, (seq, target) in enumerate(zip(group.seqs, self._targets(group))):
+            n = min(target, budget - (len(group.seqs) - 1 - i))
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    def _token_ids(self, seq: Sequence, start: int, num: int) -> list[int] | None:
+        return seq.token_ids[start:start + num] if self.cache.uses_token_ids else None
+
+    def _append(self, group: SequenceGroup, seq: Sequence, num_new: int) -> ScheduledSequence:
+        """Room in the cache for a running sequence's next ``num_new`` tokens."""
+        self.cache.append_slots(seq.seq_id, num_new, self._token_ids(seq, seq.num_cached, num_new))
+        seq.num_cached += num_new
+        return ScheduledSequence(seq, group, num_new)
+
+    # -- memory ----------------------------------------------------------------------------
+    def _catch_up(self, group: SequenceGroup) -> bool:
+        """Fork the group's new children in the cache, then free what it dropped (in that order:
+        a dropped sequence may be a child's parent). False if a fork found no memory (a
+        contiguous slab; paged forks share and never fail); the forks made so far stay made."""
+        while group.forks:
+            parent, child = group.forks[0]
             try:
-                self.cache.swap_out([seq.seq_id])
+                self.cache.fork(parent.seq_id, child.seq_id)
+            except KVCacheFull:
+                return False
+            group.forks.pop(0)
+        for seq in group.dropped:
+            self.cache.free(seq.seq_id)
+        group.dropped = []
+        return True
+
+    def _held(self, group: SequenceGroup) -> list[int]:
+        """Sequences of the group whose K/V the cache holds (live or swapped out)."""
+        pending = {child.seq_id for _, child in group.forks}
+        return [seq.seq_id for seq in group.seqs + group.dropped if seq.seq_id not in pending]
+
+    def _preempt(self, group: SequenceGroup) -> None:
+        self.num_preemptions += 1
+        if self.preemption_mode == "swap" and self._catch_up(group):
+            seq_ids = [seq.seq_id for seq in group.seqs]
+            try:
+                self.cache.swap_out(seq_ids)
             except KVCacheFull:  # the CPU pool is full: recompute instead
                 pass
             else:
-                seq.status = Status.SWAPPED
-                self.swapped.append(seq)
+                group.status = Status.SWAPPED
+                self.swapped.append(group)
                 return
-        self.cache.free(seq.seq_id)
-        seq.status, seq.num_cached = Status.WAITING, 0
-        self.waiting.appendleft(seq)
+        for seq_id in self._held(group):
+            self.cache.free(seq_id)
+        group.forks, group.dropped = [], []
+        for seq in group.seqs:
+            seq.num_cached = 0
+        group.status = Status.WAITING
+        self.waiting.appendleft(group)

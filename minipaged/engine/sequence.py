@@ -1,10 +1,13 @@
-"""A request's state as the engine sees it (paper §4.5, §5).
+"""A request's state as the engine sees it (paper §4.4, §4.5, §5).
 
-A request becomes a ``Sequence``: its prompt and generated tokens in one list, how many of
-them the KV cache already holds (``num_cached``), and where it stands: waiting for memory,
-running (its K/V in the cache), swapped (its K/V in CPU memory) or finished. The scheduler
-moves sequences between these states; the model runner reads their tokens; nothing else
-changes them.
+A request becomes a ``SequenceGroup`` of one or more ``Sequence``s. A sequence is a prompt and
+its generated tokens in one list, with how many of them the KV cache already holds
+(``num_cached``). A plain request is a group of one; parallel sampling (``n > 1``) and beam
+search grow a group to ``n`` or ``beam_width`` sequences by *forking* (§4.4): the members share
+the prompt's blocks, and the scheduler treats the group as one unit, admitted, preempted and
+resumed whole. The group says where it stands: waiting for memory, running (its K/V in the
+cache), swapped (its K/V in CPU memory) or finished. The scheduler moves groups between these
+states; the model runner reads their tokens; the engine appends what was sampled.
 
 A sequence's K/V always covers a prefix of its tokens: after a step, the cache holds
 ``num_cached`` tokens, and when ``num_cached == len(token_ids)`` the step has just produced
@@ -47,11 +50,13 @@ class SamplingParams:
 
         positive_int("max_tokens", self.max_tokens)
         positive_int("n", self.n)
-        if self.n != 1:
-            raise ValueError(f"n={self.n}: parallel sampling (n > 1) is not supported yet; use n=1")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.n > 1 and self.temperature == 0:
+            # Greedy samples are n copies of one sequence: almost surely a mistake, so say so.
+            raise ValueError(f"n={self.n} greedy samples would be {self.n} identical copies: use temperature > 0 "
+                             f"for n different samples, or LLM.beam_search for the n most likely sequences")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
             raise ValueError(f"top_k must be -1 (all tokens) or an integer >= 1, got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -64,6 +69,33 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """Beam search as transformers' ``generate(num_beams=beam_width, do_sample=False,
+    early_stopping=False, length_penalty=..., max_new_tokens=max_tokens)`` does it (see
+    ``minipaged.engine.beam_search``). ``ignore_eos`` runs every beam to ``max_tokens``."""
+
+    beam_width: int
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+    # What the engine reads of any request's parameters: beam search stops only at EOS or its length.
+    stop_token_ids: tuple[int, ...] = field(default=(), init=False)
+    stop: tuple[str, ...] = field(default=(), init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty)):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+
+    @property
+    def n(self) -> int:
+        return self.beam_width
 
 
 class Status(enum.Enum):
@@ -79,19 +111,20 @@ class Sequence:
 
     seq_id: int
     token_ids: list[int]
-    params: SamplingParams
-    seed: int  # the sampler's seed (the request's, or one drawn for it)
+    params: SamplingParams | BeamSearchParams
+    seed: int  # the request's seed (given, or drawn for it); sample i draws with child_seed(seed, i)
     max_len: int  # prompt + max_tokens, capped at the model's length: it never holds more
-    arrival_time: float = 0.0
-    num_prompt_tokens: int = field(init=False)
+    num_prompt_tokens: int
+    index: int = 0  # which of the request's samples (or beams) this is
     num_cached: int = 0  # tokens whose K/V the cache holds (0 while waiting)
-    status: Status = Status.WAITING
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None  # "stop" or "length"
     text: str = ""  # the generated text, kept only when stop strings need it
 
-    def __post_init__(self) -> None:
-        self.num_prompt_tokens = len(self.token_ids)
+    def fork(self, seq_id: int, index: int = 0) -> Sequence:
+        """A copy under a new id (its K/V is the cache's business: ``KVCache.fork``)."""
+        return Sequence(seq_id, list(self.token_ids), self.params, self.seed, self.max_len, self.num_prompt_tokens,
+                        index, self.num_cached, self.cumulative_logprob)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -102,6 +135,32 @@ class Sequence:
         """Tokens still to be fed to the model before it yields the next token."""
         return len(self.token_ids) - self.num_cached
 
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: its live sequences (``seqs``), scheduled together, and what it has finished.
+
+    ``width`` is the most sequences it will hold at once (``n`` or ``beam_width``): the scheduler
+    keeps that many seats in the batch for it from admission on. The engine changes a group
+    after each step (it forks children, drops finished samples and losing beams); the scheduler
+    brings the cache up to date at the start of the next step (``forks`` made, ``dropped``
+    freed), so that a fork that finds no memory preempts like any other growth.
+    """
+
+    request_id: int
+    seqs: list[Sequence]
+    params: SamplingParams | BeamSearchParams
+    arrival_time: float = 0.0
+    status: Status = Status.WAITING
+    forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child): not yet in the cache
+    dropped: list[Sequence] = field(default_factory=list)  # left ``seqs``, still in the cache until the next step
+    finished: list[Sequence] = field(default_factory=list)  # completed samples, or beam hypotheses (best first)
+
     @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
+    def width(self) -> int:
+        return self.params.n
+
+    @property
+    def is_beam_search(self) -> bool:
+        return isinstance(self.params, BeamSearchParams)

@@ -111,7 +111,7 @@ def serve(
         while pending and pending[0].arrival_time <= step * step_duration:
             request = pending.popleft()
             params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
-            engine.add(engine.make_sequence([0] * request.prompt_len, params, seq_id=request.request_id))
+            engine.add(engine.make_request([0] * request.prompt_len, params, request_id=request.request_id))
         _, record = engine.step()
         breakdown = record.breakdown
         counts = [0] * len(CATEGORIES) if breakdown is None else [getattr(breakdown, name) for name in CATEGORIES]

@@ -95,8 +95,22 @@ class KVCache(ABC):
         KVCacheFull (nothing changed) when it does not fit now."""
 
     @abstractmethod
+    def can_allocate_many(self, requests: list[tuple[int, int | None, list[int] | None]]) -> bool:
+        """Would ``allocate`` succeed now for each of ``requests`` (``(num_tokens, final_len,
+        token_ids)``), one after the other? (A group of sequences is admitted whole.)"""
+
+    @abstractmethod
+    def can_ever_hold(self, count: int, num_tokens: int, final_len: int | None = None) -> bool:
+        """Could an empty cache hold ``count`` sequences of ``num_tokens`` tokens each, shared nothing?"""
+
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Would ``append_slots`` succeed now?"""
+        return self.can_append_many({seq_id: num_tokens})
+
+    @abstractmethod
+    def can_append_many(self, appends: dict[int, int]) -> bool:
+        """Would ``append_slots(seq_id, n)`` succeed for every ``seq_id: n`` of ``appends``, one
+        after the other? (A group's sequences grow together.)"""
 
     @abstractmethod
     def append_slots(
@@ -119,6 +133,12 @@ class KVCache(ABC):
     @abstractmethod
     def swap_in(self, seq_ids: list[int]) -> None:
         """Bring swapped-out sequences back; KVCacheFull (nothing changed) when they do not fit."""
+
+    @abstractmethod
+    def blocks_in_use(self) -> tuple[int, int]:
+        """``(blocks in the block tables of live sequences, counting a shared block once per table;
+        distinct blocks in use)``: the first is what the sequences would hold without sharing.
+        (The contiguous cache's blocks are its slabs' slots.)"""
 
     @abstractmethod
     def _slots(self, seq_id: int, positions: range) -> list[int]:

@@ -109,9 +109,16 @@ class ContiguousKVCache(KVCache):
             )
         self.slabs[seq_id] = (start, size)
 
-    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
-        self._check_growth(seq_id, num_tokens)
-        return True  # the slab was reserved for the whole request
+    def can_allocate_many(self, requests: list[tuple[int, int | None, list[int] | None]]) -> bool:
+        return _fits(self.buddy, [self.reserved_slots(*request) for request in requests])
+
+    def can_ever_hold(self, count: int, num_tokens: int, final_len: int | None = None) -> bool:
+        return _fits(BuddyAllocator(self.num_slots), [self.reserved_slots(num_tokens, final_len)] * count)
+
+    def can_append_many(self, appends: dict[int, int]) -> bool:
+        for seq_id, num_tokens in appends.items():
+            self._check_growth(seq_id, num_tokens)
+        return True  # each slab was reserved for the whole request
 
     def append_slots(
         self, seq_id: int, num_tokens: int = 1, token_ids: list[int] | None = None
@@ -176,6 +183,10 @@ class ContiguousKVCache(KVCache):
                 cache[start:start + n] = saved.to(self.device)
             self._num_tokens[seq_id] = n
 
+    def blocks_in_use(self) -> tuple[int, int]:
+        reserved = sum(size for _, size in self.slabs.values())
+        return reserved, reserved  # nothing is shared
+
     # -- addressing and accounting ---------------------------------------------------------
     def _slots(self, seq_id: int, positions: range) -> list[int]:
         start = self.slabs[seq_id][0]
@@ -197,3 +208,18 @@ class ContiguousKVCache(KVCache):
             return free, free
         needed = self.buddy.block_size_for(self.reserved_slots(*next_request))
         return free, sum(size for _, size in self.buddy.free_blocks() if size >= needed)
+
+
+def _fits(buddy: BuddyAllocator, sizes: list[int]) -> bool:
+    """Could ``buddy`` place slabs of these sizes one after the other now? (Tried, then undone.)"""
+    placed = []
+    try:
+        for size in sizes:
+            start = buddy.allocate(size)
+            if start is None:
+                return False
+            placed.append((start, size))
+        return True
+    finally:
+        for start, size in placed:
+            buddy.free(start, size)

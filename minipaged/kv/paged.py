@@ -146,8 +146,28 @@ class PagedKVCache(KVCache):
         self._num_tokens[seq_id], self._final_len[seq_id] = num_tokens, final_len
         return len(hits) * self.block_size
 
-    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
-        return self._blocks_to_append(seq_id, num_tokens) <= self.num_free_blocks
+    def can_allocate_many(self, requests: list[tuple[int, int | None, list[int] | None]]) -> bool:
+        if len(requests) == 1:
+            return self.can_allocate(*requests[0])
+        # Counting every prompt block as new is exact without prefix caching and an upper bound
+        # with it (a hit takes at most the one free block it revives).
+        needed = sum(self.prompt_blocks(*request) for request in requests)
+        return needed <= self.num_free_blocks - self.watermark_blocks
+
+    def can_ever_hold(self, count: int, num_tokens: int, final_len: int | None = None) -> bool:
+        return count * self.prompt_blocks(num_tokens, final_len) <= self.num_blocks - self.watermark_blocks
+
+    def can_append_many(self, appends: dict[int, int]) -> bool:
+        needed, writers = 0, Counter()
+        for seq_id, num_tokens in appends.items():
+            needed += self._blocks_to_grow(seq_id, num_tokens)
+            if self._needs_copy_on_write(seq_id):
+                writers[self.block_tables[seq_id][-1]] += 1
+        # Of w sequences writing into one shared, partly filled block, each copies it, except the
+        # last when no one else holds it any more: by then its count is down to one.
+        ref_counts = self.allocator.ref_counts
+        needed += sum(w - (w == ref_counts[block]) for block, w in writers.items())
+        return needed <= self.num_free_blocks
 
     def append_slots(
         self, seq_id: int, num_tokens: int = 1, token_ids: list[int] | None = None
@@ -157,7 +177,7 @@ class PagedKVCache(KVCache):
         Returns the copy-on-write ``(src, dst)`` block copies made. Raises KVCacheFull (nothing
         changed) when there are not enough free blocks: the scheduler then preempts a sequence.
         """
-        needed = self._blocks_to_append(seq_id, num_tokens, token_ids)
+        needed = self._blocks_to_grow(seq_id, num_tokens, token_ids) + self._needs_copy_on_write(seq_id)
         if needed > self.num_free_blocks:
             raise KVCacheFull(f"sequence {seq_id} needs {needed} new blocks, only {self.num_free_blocks} are free")
         table = self.block_tables[seq_id]
@@ -173,10 +193,10 @@ class PagedKVCache(KVCache):
         self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
-    def _blocks_to_append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
+    def _blocks_to_grow(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
+        """New blocks past the end of the table (a copy-on-write replaces the last one, it does not add one)."""
         new_len = self._check_growth(seq_id, num_tokens, token_ids)
-        grow = blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
-        return grow + self._needs_copy_on_write(seq_id)
+        return blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
 
     def _needs_copy_on_write(self, seq_id: int) -> bool:
         """Is the last block shared and partly filled, so that the next append must copy it?"""
@@ -244,6 +264,9 @@ class PagedKVCache(KVCache):
         for seq_id in seq_ids:
             dst.tables[seq_id] = [mapping[block] for block in src.tables[seq_id]]
             src.free(seq_id)
+
+    def blocks_in_use(self) -> tuple[int, int]:
+        return sum(len(table) for table in self.block_tables.values()), self.num_blocks - self.num_free_blocks
 
     # -- addressing and accounting ---------------------------------------------------------
     def _slots(self, seq_id: int, positions: range) -> list[int]:
