@@ -803,3 +803,75 @@ def test_out_of_range_indices_are_rejected():
         ops.paged_decode_attention(torch.zeros(2, 4, 0), torch.zeros(4, 16, 2, 0), torch.zeros(4, 16, 2, 0), good, lens)
     with pytest.raises(ValueError, match="^max_context_len"):
         ops.paged_decode_attention(q, k, k.clone(), good, lens, max_context_len=0)
+
+
+# --- host cost: what one call does on the CPU before its launches ---------------------------
+
+
+@needs_triton
+def test_split_k_partials_reuse_one_workspace_that_only_grows():
+    """A split-K call allocates no partials of its own: it writes them into the device's cached
+    workspace. A larger call grows it and keeps the outgrown buffer alive (a CUDA graph captured
+    earlier still writes there); results stay right before and after the growth."""
+    gen = torch.Generator().manual_seed(21)
+    k_cache, v_cache, tables, lens = random_paged(2, 90, 2, 64, 8, torch.float32, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
+    want = decode_reference(q, k_cache, v_cache, tables, lens)
+
+    def split_call(partition_size):
+        return triton_attention.attention(
+            q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=64**-0.5,
+            partition_size=partition_size,
+        )  # fmt: skip
+
+    assert rel_error(split_call(32), want) < 1e-5
+    buffer = triton_attention._workspaces[DEVICE]
+    assert rel_error(split_call(32), want) < 1e-5
+    assert triton_attention._workspaces[DEVICE] is buffer  # reused, not reallocated
+    needed = triton_attention._partials_numel(2, 4, triton.cdiv(90, 4), 64)
+    assert rel_error(split_call(4), want) < 1e-5  # 23 partitions: the buffer may have to grow
+    grown = triton_attention._workspaces[DEVICE]
+    assert grown.numel() >= needed
+    if grown is not buffer:
+        assert any(old is buffer for old in triton_attention._outgrown)
+    assert rel_error(split_call(32), want) < 1e-5
+
+
+@needs_triton
+def test_prefill_with_bounds_equals_prefill_without():
+    """``max_context_len``/``max_query_len`` only size the grid: the result is the same."""
+    gen = torch.Generator().manual_seed(22)
+    k_cache, v_cache, tables, lens = random_paged(3, 50, 2, 64, 8, torch.float32, gen)
+    num_new = torch.minimum(lens, torch.tensor([7, 1, 12], device=lens.device))
+    query_start_loc = torch.cat([num_new.new_zeros(1), num_new.cumsum(0)]).to(torch.int32)
+    q = torch.randn(int(num_new.sum()), 4, 64, generator=gen).to(DEVICE)
+    read_back = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens, query_start_loc)
+    bounded = ops.paged_prefill_attention(
+        q, k_cache, v_cache, tables, lens, query_start_loc, max_context_len=64, max_query_len=16
+    )
+    assert torch.equal(read_back, bounded)
+
+
+def test_prefill_with_bounds_reads_no_index_values():
+    """With both bounds, the prefill check reads no index value: every tensor may be on the meta
+    device (no data at all), so from a GPU the call never waits for it."""
+    meta = torch.device("meta")
+    q, k_cache = torch.empty(5, 4, 64, device=meta), torch.empty(4, 16, 2, 64, device=meta)
+    args = (q, k_cache, torch.empty_like(k_cache), torch.empty(2, 3, dtype=torch.int32, device=meta),
+            torch.empty(2, dtype=torch.int32, device=meta), torch.empty(3, dtype=torch.int32, device=meta))  # fmt: skip
+    *_, longest, most_new = checks.check_paged_prefill_attention(*args, max_context_len=40, max_query_len=4)
+    assert (longest, most_new) == (40, 4)
+
+
+def test_bad_prefill_bounds_name_the_argument():
+    k = torch.zeros(4, 16, 2, 64)
+    lens = torch.tensor([5, 20], dtype=torch.int32)
+    tables = torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)
+    query_start_loc = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q = torch.zeros(5, 4, 64)
+    with pytest.raises(ValueError, match="^max_query_len: give max_context_len and max_query_len together"):
+        ops.paged_prefill_attention(q, k, k.clone(), tables, lens, query_start_loc, max_context_len=20)
+    with pytest.raises(ValueError, match="^max_context_len: 19 is below a context length"):
+        ops.paged_prefill_attention(q, k, k.clone(), tables, lens, query_start_loc, max_context_len=19, max_query_len=3)
+    with pytest.raises(ValueError, match="^max_query_len: 2 is below a sequence's new tokens"):
+        ops.paged_prefill_attention(q, k, k.clone(), tables, lens, query_start_loc, max_context_len=20, max_query_len=2)

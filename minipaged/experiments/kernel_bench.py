@@ -16,14 +16,24 @@ and reports latency and achieved bandwidth (K+V bytes actually needed / time). O
 call is captured in a CUDA graph and replayed 60 times, each replay after an L2 flush (a 256 MB
 buffer rewritten), with CUDA events around the replay only; latency is the median
 (``cuda_graph_timer``), so it is device time, and the CPU time to issue a call is reported
-apart (``host_us``). Next to it stands the device-to-device copy bandwidth (bytes read +
+apart (``host_us``). A function "as called" from a notebook pays that host time too:
+``called_us`` times each call with ``triton.testing.do_bench`` (no graph, host work
+included), and ``host_python_us`` is the Python side of our calls alone (checks, grid, output
+allocation) with the Triton launches replaced by no-ops, so ``host_us - host_python_us`` is
+what Triton's launcher costs. Next to it stands the device-to-device copy bandwidth (bytes read +
 written) measured in the same run with ``triton.testing.do_bench``. On a CPU (``--quick``)
 calls are timed by the wall clock, median of 3.
+
+Prefill (``kernel_prefill.csv``, ``kernel_prefill.png``): ``paged_prefill_attention`` against
+SDPA (flash backend, causal; lower-right causal over a cached prefix) on the same tokens, for
+1-16 sequences of 512-8K new tokens with and without a 2K-token cached prefix, in TFLOP/s of
+the causal attention actually computed.
 
     python -m minipaged.experiments.kernel_bench --out DIR           # on a GPU
     python -m minipaged.experiments.kernel_bench --out DIR --quick   # tiny smoke run, any device
 
-Writes ``DIR/kernel_bench.csv``, ``DIR/kernel_bandwidth.png``, ``DIR/kernel_block_size.png``.
+Writes ``DIR/kernel_bench.csv``, ``DIR/kernel_bandwidth.png``, ``DIR/kernel_block_size.png``,
+``DIR/kernel_prefill.csv``, ``DIR/kernel_prefill.png``.
 """
 
 from __future__ import annotations
@@ -36,13 +46,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from minipaged.ops import contiguous_decode_attention, paged_decode_attention
+from minipaged.ops import contiguous_decode_attention, paged_decode_attention, paged_prefill_attention, triton_attention
 
 # Llama-3-8B attention: 32 query heads share 8 KV heads of dimension 128.
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -72,6 +83,8 @@ class Row:
     copy_tbps: float
     rel_err: float
     host_us: float = float("nan")
+    called_us: float = float("nan")
+    host_python_us: float = float("nan")
     note: str = ""
 
 
@@ -153,6 +166,35 @@ def host_overhead(fn: Callable[[], object], calls: int = 30) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def python_host_time(fn: Callable[[], object], calls: int = 200) -> float:
+    """Seconds per call of our own Python (checks, grid, output allocation), launches stubbed out.
+
+    Index tensors passed on the CPU are value-checked, so on a CPU this includes those checks.
+    """
+    with (
+        mock.patch.object(triton_attention, "_attention_kernel", _NoLaunch()),
+        mock.patch.object(triton_attention, "_merge_partitions_kernel", _NoLaunch()),
+    ):
+        return host_overhead(fn, calls)
+
+
+def called_time(fn: Callable[[], object], graph_seconds: float) -> float:
+    """Seconds per call as a notebook calls it: on a GPU ``do_bench`` (host work included); on a
+    CPU the wall-clock time already measured (``graph_seconds``), which includes the host."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, return_mode="median") / 1e3
+    return graph_seconds
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -263,15 +305,20 @@ def bench_shape(
             continue
         if method not in fns:  # could not run here: a row that says why
             seconds, rel_err, host_us, note = float("nan"), float("nan"), float("nan"), notes[method]
+            called_us = python_us = float("nan")
         else:
             try:
                 out = fns[method]().reshape(batch, NUM_HEADS, HEAD_DIM).float()
                 rel_err = ((out - expected).norm() / expected.norm()).item()
                 seconds = timer(fns[method])
                 host_us = host_overhead(fns[method]) * 1e6 if device.type == "cuda" else float("nan")
+                called_us = called_time(fns[method], seconds) * 1e6
+                ours = method in ("paged", "contiguous")
+                python_us = python_host_time(fns[method]) * 1e6 if ours else float("nan")
                 note = ""
             except Exception as error:  # a failing method gets a row that says why
                 seconds, rel_err, host_us = float("nan"), float("nan"), float("nan")
+                called_us = python_us = float("nan")
                 note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append(
             Row(
@@ -287,9 +334,169 @@ def bench_shape(
                 copy_tbps,
                 rel_err,
                 host_us,
+                called_us,
+                python_us,
                 note,
             )
         )
+    return rows
+
+
+# -- prefill: packed new tokens over a paged context, against SDPA's flash kernel ----------------
+
+
+@dataclass
+class PrefillShape:
+    seqs: int
+    new: int  # new tokens per sequence (the prompt, or the part of it not cached)
+    prefix: int  # tokens already in the cache before them (prefix caching, chunked prefill)
+    block_size: int = 16
+
+
+@dataclass
+class PrefillRow:
+    method: str
+    seqs: int
+    new: int
+    prefix: int
+    block_size: int
+    tflop: float  # causal attention FLOPs actually needed
+    latency_us: float
+    tflops: float
+    called_us: float
+    host_python_us: float
+    rel_err: float
+    note: str = ""
+
+
+def prefill_grid() -> list[PrefillShape]:
+    return [PrefillShape(s, n, p) for p in (0, 2048) for s in (1, 4, 16) for n in (512, 2048, 8192)]
+
+
+def quick_prefill_grid() -> list[PrefillShape]:
+    return [PrefillShape(1, 24, 0, 16), PrefillShape(2, 16, 8, 8)]
+
+
+def causal_flops(seqs: int, new: int, prefix: int) -> float:
+    """Query j (0-based) of a sequence sees prefix + j + 1 keys; 4 FLOPs per head-dim per pair
+    (q.k and p.v, a multiply and an add each)."""
+    pairs = seqs * (new * prefix + new * (new + 1) // 2)
+    return 4.0 * NUM_HEADS * HEAD_DIM * pairs
+
+
+def sdpa_prefill_fn(q: Tensor, keys: Tensor, values: Tensor, new: int, prefix: int) -> Callable[[], Tensor]:
+    """SDPA on a GPU through its flash backend (the one a serving stack would use), causal;
+    over a cached prefix the mask is lower-right causal (query j sees prefix + j + 1 keys)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = None if prefix == 0 else causal_lower_right(new, new + prefix)
+    backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+    def run() -> Tensor:
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=prefix == 0,
+                                                  enable_gqa=True)  # fmt: skip
+
+    return run
+
+
+def bench_prefill_shape(
+    shape: PrefillShape, device: torch.device, dtype: torch.dtype, timer, generator: torch.Generator
+) -> list[PrefillRow]:
+    seqs, new, prefix, bs = shape.seqs, shape.new, shape.prefix, shape.block_size
+    length = prefix + new
+    keys = torch.randn(seqs, NUM_KV_HEADS, length, HEAD_DIM, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    q = torch.randn(seqs, NUM_HEADS, new, HEAD_DIM, device=device, dtype=dtype)
+    # The paged pool holds the same tokens (new ones included: their K/V are written before
+    # attention runs), each sequence's blocks at random places.
+    width = triton_attention._cdiv(length, bs)
+    tables = torch.randperm(seqs * width, generator=generator).to(torch.int32).view(seqs, width).to(device)
+    k_cache = torch.empty(seqs * width, bs, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
+    v_cache = torch.empty_like(k_cache)
+    slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)[:, :length]
+    k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = keys.transpose(1, 2)
+    v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = values.transpose(1, 2)
+    lens = torch.full((seqs,), length, dtype=torch.int32, device=device)
+    query_start_loc = (torch.arange(seqs + 1, dtype=torch.int32) * new).to(device)
+    packed_q = q.transpose(1, 2).reshape(seqs * new, NUM_HEADS, HEAD_DIM)
+
+    def paged() -> Tensor:
+        return paged_prefill_attention(packed_q, k_cache, v_cache, tables, lens, query_start_loc,
+                                       max_context_len=length, max_query_len=new)  # fmt: skip
+
+    fns = {"paged": paged, "sdpa": sdpa_prefill_fn(q, keys, values, new, prefix)}
+    flop = causal_flops(seqs, new, prefix)
+    expected = None
+    rows = []
+    for method in ("sdpa", "paged"):
+        try:
+            out = fns[method]()
+            out = out.transpose(1, 2) if method == "sdpa" else out.view(seqs, new, NUM_HEADS, HEAD_DIM)
+            if expected is None:
+                expected = out.float()
+            rel_err = ((out.float() - expected).norm() / expected.norm()).item()
+            seconds = timer(fns[method])
+            called_us = called_time(fns[method], seconds) * 1e6
+            python_us = python_host_time(fns[method], calls=20) * 1e6 if method == "paged" else float("nan")
+            note = ""
+        except Exception as error:  # a failing method gets a row that says why
+            seconds = rel_err = called_us = python_us = float("nan")
+            note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        rows.append(PrefillRow(method, seqs, new, prefix, bs, flop / 1e12, seconds * 1e6, flop / seconds / 1e12,
+                               called_us, python_us, rel_err, note))  # fmt: skip
+    return rows
+
+
+def plot_prefill(rows: list[PrefillRow], out_dir: Path, device_name: str) -> None:
+    """Throughput of paged prefill and SDPA against the new tokens, one panel per prefix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefixes = sorted({r.prefix for r in rows})
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(5.5 * len(prefixes), 4), squeeze=False)
+    for ax, prefix in zip(axes[0], prefixes, strict=True):
+        for method, style in (("paged", "-"), ("sdpa", "--")):
+            for seqs in sorted({r.seqs for r in rows}):
+                pts = sorted((r.new, r.tflops) for r in rows if (r.method, r.seqs, r.prefix) == (method, seqs, prefix)
+                             and not math.isnan(r.tflops))  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{method}, {seqs} seq")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("new tokens per sequence")
+        ax.set_ylabel("causal attention TFLOP/s")
+        ax.set_title(f"cached prefix: {prefix} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Prefill attention, 32 q / 8 kv heads, d=128, bf16, block 16 — {device_name}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "kernel_prefill.png", dpi=120)
+    plt.close(fig)
+
+
+def run_prefill(shapes: list[PrefillShape], device: torch.device, dtype: torch.dtype, timer, out_dir: Path,
+                device_name: str) -> list[PrefillRow]:  # fmt: skip
+    """Every prefill shape, printed as it goes; writes the CSV and the figure."""
+    generator = torch.Generator().manual_seed(1)
+    rows: list[PrefillRow] = []
+    for shape in shapes:
+        pair = bench_prefill_shape(shape, device, dtype, timer, generator)
+        rows += pair
+        for row in pair:
+            print(f"prefill {row.method:>5} seqs={row.seqs:<3} new={row.new:<5} prefix={row.prefix:<5}"
+                  f" {row.latency_us:10.1f} us {row.tflops:7.1f} TFLOP/s called={row.called_us:10.1f} us"
+                  f" err={row.rel_err:.1e} {row.note}", flush=True)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with open(out_dir / "kernel_prefill.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])) + ["device"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**asdict(row), "device": device_name})
+    plot_prefill(rows, out_dir, device_name)
     return rows
 
 
@@ -460,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any device")
     parser.add_argument("--tune", action="store_true", help="sweep the kernel's launch parameters instead")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
+    parser.add_argument("--no-prefill", action="store_true", help="decode only")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -497,6 +705,9 @@ def main(argv: list[str] | None = None) -> None:
             writer.writerow({**asdict(row), "device": device_name})
     plot(rows, args.out, copy_tbps, device_name)
     print_summary(rows)
+    if not args.no_prefill:
+        shapes = quick_prefill_grid() if args.quick else prefill_grid()
+        print_prefill_summary(run_prefill(shapes, device, dtype, timer, args.out, device_name))
 
 
 def print_summary(rows: list[Row]) -> None:
@@ -514,6 +725,27 @@ def print_summary(rows: list[Row]) -> None:
         ratio_sdpa = lat["paged"] / lat["sdpa"]
         ratio_contig = lat["paged"] / lat["contiguous"]
         print(f"{batch:>5} {context:>6} {lengths:>8} {bs:>4} | {cells} | {ratio_sdpa:10.2f} {ratio_contig:13.2f}")
+    print("as called (host included), paged throughput / SDPA's, and host time of one paged call:")
+    called: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        called.setdefault((r.batch, r.context, r.lengths, r.block_size), {})[r.method] = r
+    for (batch, context, lengths, bs), by_method in called.items():
+        paged, sdpa = by_method["paged"], by_method["sdpa"]
+        print(f"{batch:>5} {context:>6} {lengths:>8} {bs:>4} | paged {paged.called_us:9.1f} us, sdpa"
+              f" {sdpa.called_us:9.1f} us: {sdpa.called_us / paged.called_us:6.0%} | host {paged.host_us:6.1f} us"
+              f" (python {paged.host_python_us:5.1f} us)")  # fmt: skip
+
+
+def print_prefill_summary(rows: list[PrefillRow]) -> None:
+    """Paged prefill's throughput as a share of SDPA's on the same tokens (the bar: >= 80%)."""
+    by_shape: dict[tuple, dict[str, PrefillRow]] = {}
+    for r in rows:
+        by_shape.setdefault((r.seqs, r.new, r.prefix), {})[r.method] = r
+    print(f"{'seqs':>4} {'new':>5} {'prefix':>6} | paged TFLOP/s | sdpa TFLOP/s | paged/sdpa | as called")
+    for (seqs, new, prefix), pair in by_shape.items():
+        paged, sdpa = pair["paged"], pair["sdpa"]
+        print(f"{seqs:>4} {new:>5} {prefix:>6} | {paged.tflops:13.1f} | {sdpa.tflops:12.1f} |"
+              f" {paged.tflops / sdpa.tflops:10.0%} | {sdpa.called_us / paged.called_us:9.0%}")  # fmt: skip
 
 
 if __name__ == "__main__":

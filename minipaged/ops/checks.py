@@ -34,6 +34,8 @@ def require(condition: bool, name: str, message: str, *args: object) -> None:
 
 
 def check_tensor(tensor: object, name: str, ndim: int, dtypes: tuple[torch.dtype, ...]) -> Tensor:
+    if isinstance(tensor, Tensor) and tensor.dim() == ndim and tensor.dtype in dtypes:
+        return tensor  # the common case, with no message built (a decode call runs ~10 of these)
     require(isinstance(tensor, Tensor), name, "expected a torch.Tensor, got {}", type(tensor).__name__)
     assert isinstance(tensor, Tensor)
     require(tensor.dim() == ndim, name, "expected {} dimensions, got shape {}", ndim, tuple(tensor.shape))
@@ -43,6 +45,8 @@ def check_tensor(tensor: object, name: str, ndim: int, dtypes: tuple[torch.dtype
 
 def check_same(tensor: Tensor, name: str, like: Tensor, like_name: str) -> None:
     """``tensor`` must have the dtype and device of ``like``."""
+    if tensor.dtype == like.dtype and tensor.device == like.device:
+        return
     require(tensor.device == like.device, name, "on {}, but {} is on {}", tensor.device, like_name, like.device)
     require(tensor.dtype == like.dtype, name, "dtype {} differs from {}'s {}", tensor.dtype, like_name, like.dtype)
 
@@ -52,7 +56,9 @@ def check_index(tensor: object, name: str, shape: tuple[int, ...], device: torch
     index = check_tensor(tensor, name, len(shape), INDEX_DTYPES)
     ok = all(want in (-1, got) for want, got in zip(shape, index.shape, strict=True))
     require(ok, name, "expected shape {}, got {}", shape, tuple(index.shape))
-    require(index.device.type == "cpu" or index.device == device, name, "on {}, data is on {}", index.device, device)
+    if index.device == device:
+        return index if index.is_contiguous() else index.contiguous()
+    require(index.device.type == "cpu", name, "on {}, data is on {}", index.device, device)
     return index.to(device).contiguous()
 
 
@@ -73,7 +79,8 @@ def check_range(values: Tensor, name: str, limit: int, what: str, allow_minus_on
 def check_cache_pair(k_cache: object, v_cache: object, ndim: int, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
     k = check_tensor(k_cache, names[0], ndim, FLOAT_DTYPES)
     v = check_tensor(v_cache, names[1], ndim, FLOAT_DTYPES)
-    require(v.shape == k.shape, names[1], "shape {} differs from {}'s {}", tuple(v.shape), names[0], tuple(k.shape))
+    if v.shape != k.shape:
+        require(False, names[1], "shape {} differs from {}'s {}", tuple(v.shape), names[0], tuple(k.shape))
     check_same(v, names[1], k, names[0])
     return k, v
 
@@ -84,20 +91,20 @@ def check_qkv(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_ndim: int) -> t
     names = ("k_cache", "v_cache") if cache_ndim == 4 else ("k_arena", "v_arena")
     k, v = check_cache_pair(k_cache, v_cache, cache_ndim, names)
     check_same(k, names[0], q_, "q")
-    heads, head_dim = q_.shape[-2:]
-    kv_heads = k.shape[-2]
+    _, heads, head_dim = q_.shape
+    *_, kv_heads, kv_head_dim = k.shape
+    block_size = k.shape[1] if cache_ndim == 4 else 1
+    fine = (
+        head_dim > 0 and heads > 0 and kv_heads > 0 and kv_head_dim == head_dim and heads % kv_heads == 0
+        and block_size > 0 and block_size & (block_size - 1) == 0
+    )  # fmt: skip
+    if fine:
+        return q_, k, v
     require(head_dim > 0 and heads > 0, "q", "needs at least one head of dimension >= 1, got shape {}", tuple(q_.shape))
     require(kv_heads > 0, names[0], "needs at least one KV head, got shape {}", tuple(k.shape))
-    require(k.shape[-1] == head_dim, names[0], "head_dim {} differs from q's {}", k.shape[-1], head_dim)
+    require(kv_head_dim == head_dim, names[0], "head_dim {} differs from q's {}", kv_head_dim, head_dim)
     require(heads % kv_heads == 0, "q", "{} query heads is not a multiple of {} KV heads", heads, kv_heads)
-    if cache_ndim == 4:
-        block_size = k.shape[1]
-        require(
-            block_size > 0 and block_size & (block_size - 1) == 0,
-            names[0],
-            "block_size {} is not a power of two",
-            block_size,
-        )
+    require(False, names[0], "block_size {} is not a power of two", block_size)
     return q_, k, v
 
 
@@ -218,17 +225,39 @@ def check_contiguous_decode_attention(
 
 
 def check_paged_prefill_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, query_start_loc: Tensor
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    query_start_loc: Tensor,
+    max_context_len: int | None = None,
+    max_query_len: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int]:
     """Returns ``q, k_cache, v_cache``, the tables, lengths and query starts on the data's device,
     then the longest context and the most new tokens of one sequence (the kernel's grid).
 
-    Prefill is not a hot loop: it reads the index tensors back once, so every value check runs.
+    Without the two bounds, the index tensors are read back once (a GPU sync) to find them, and
+    every value check runs. With both bounds nothing is read back, as in decode: values are
+    checked only when the caller passes the index tensors on the CPU.
     """
-    host_tables, host_lens = (x.cpu() if isinstance(x, Tensor) else x for x in (block_tables, context_lens))
-    q_, k, v, tables, lens = _check_paged(q, k_cache, v_cache, host_tables, host_lens, decode=False)
+    require(
+        (max_context_len is None) == (max_query_len is None),
+        "max_query_len", "give max_context_len and max_query_len together, or neither",
+    )  # fmt: skip
+    read_back = max_context_len is None
+    indices = (block_tables, context_lens, query_start_loc)
+    host = [x.cpu() if read_back and isinstance(x, Tensor) else x for x in indices]
+    q_, k, v, _, _ = _check_paged(q, k_cache, v_cache, host[0], host[1], decode=False)
+    # The kernel gets the caller's tensors (a read-back copy would travel back to the GPU).
+    tables = check_index(block_tables, "block_tables", (-1, -1), q_.device)
+    lens = check_index(context_lens, "context_lens", (tables.shape[0],), q_.device)
     query_starts = check_index(query_start_loc, "query_start_loc", (tables.shape[0] + 1,), q_.device)
-    host_starts = query_start_loc.cpu()  # one read back; host_lens is already on the CPU
+    host_lens, host_starts = host[1], host[2]
+    if not on_host(host_lens, host_starts):
+        require(max_context_len >= 1, "max_context_len", "must be >= 1, got {}", max_context_len)
+        require(max_query_len >= 1, "max_query_len", "must be >= 1, got {}", max_query_len)
+        return q_, k, v, tables, lens, query_starts, max_context_len, max_query_len
     num_new = host_starts.diff()
     require(
         int(host_starts[0]) == 0 and int(host_starts[-1]) == q_.shape[0],
@@ -238,7 +267,14 @@ def check_paged_prefill_attention(
     )
     require(bool((num_new >= 0).all()), "query_start_loc", "must be non-decreasing")
     require(bool((num_new <= host_lens).all()), "query_start_loc", "a sequence has more new tokens than context_lens")
-    return q_, k, v, tables, lens, query_starts, int(host_lens.max()), int(num_new.max())
+    longest, most_new = int(host_lens.max()), int(num_new.max())
+    if read_back:
+        return q_, k, v, tables, lens, query_starts, longest, most_new
+    require(longest <= max_context_len, "max_context_len", "{} is below a context length ({})",
+            max_context_len, longest)  # fmt: skip
+    require(most_new <= max_query_len, "max_query_len", "{} is below a sequence's new tokens ({})",
+            max_query_len, most_new)  # fmt: skip
+    return q_, k, v, tables, lens, query_starts, max_context_len, max_query_len
 
 
 def check_attention(

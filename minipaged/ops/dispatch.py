@@ -169,14 +169,21 @@ def paged_prefill_attention(
     query_start_loc: Tensor,
     *,
     scale: float | None = None,
+    max_context_len: int | None = None,
+    max_query_len: int | None = None,
 ) -> Tensor:
     """Causal attention of packed new tokens over their paged context (§4.1, §4.4).
 
     Query ``j`` of sequence ``s`` sits at position ``context_lens[s] - n_new + j`` and sees
     every position up to its own; its K/V must already be in the cache.
+
+    ``max_context_len`` and ``max_query_len`` (optional, together) bound the longest context and
+    the most new tokens of a sequence, and size the grid. Without them the call reads the index
+    tensors back to find them (a GPU sync); with them it reads nothing back and a CUDA graph can
+    capture it.
     """
     q, k_cache, v_cache, tables, lens, query_starts, max_context_len, max_query_len = check_paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_context_len, max_query_len
     )
     scale = _scale(q, scale)
     if not _use_triton("paged_prefill_attention", q.device, _attention_not_covered(q, k_cache, v_cache)):

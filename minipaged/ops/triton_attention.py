@@ -18,8 +18,14 @@ the ``[BLOCK_M, HEAD_DIM]`` query tile are (token, head-in-group) pairs).
 Split-K ("FlashDecoding", vLLM's paged attention v2): in decode, a sequence's context is cut
 into partitions processed by separate programs, so one long sequence still fills every
 multiprocessor. Each partition writes its normalised partial output with its running max
-and exp-sum; a second small kernel merges them. With one partition the kernel writes the
-output directly and the merge is skipped.
+and exp-sum into one float32 workspace (cached per device, not allocated per call); a second
+small kernel merges them. With one partition the kernel writes the output directly and the
+merge is skipped.
+
+Host cost: a call does no work that grows with the batch, allocates only its output, and
+launches one kernel (two with split-K). The grid arithmetic is plain Python integers
+(``_cdiv``, ``_next_power_of_2``): ``triton.cdiv`` is a constexpr function that costs
+microseconds per call outside a kernel.
 
 The softmax is the online (streaming) softmax of FlashAttention, in float32 with ``exp2``.
 All row offsets are computed in int64, so pools larger than 2**31 elements work.
@@ -74,9 +80,7 @@ def _attention_kernel(
     starts_ptr,
     lens_ptr,
     query_start_ptr,
-    part_out_ptr,
-    part_max_ptr,
-    part_sum_ptr,
+    partials_ptr,
     scale_log2,
     partition_size,
     num_partitions,
@@ -172,11 +176,14 @@ def _attention_kernel(
 
     out = acc / running_sum[:, None]
     if SPLIT:
-        # Partial results of (seq, head, partition), merged by _merge_partitions_kernel.
+        # Partial results of (seq, head, partition), merged by _merge_partitions_kernel; the
+        # workspace holds all maxes, then all sums, then all outputs (see _partials_layout).
         slot = (seq * num_heads + head) * num_partitions + partition
-        tl.store(part_max_ptr + slot, running_max, mask=row_valid)
-        tl.store(part_sum_ptr + slot, running_sum, mask=row_valid)
-        tl.store(part_out_ptr + slot[:, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
+        num_slots = tl.num_programs(0) * num_heads * num_partitions
+        tl.store(partials_ptr + slot, running_max, mask=row_valid)
+        tl.store(partials_ptr + num_slots + slot, running_sum, mask=row_valid)
+        part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
+        tl.store(part_out + dims[None, :], out, mask=row_valid[:, None])
     else:
         tl.store(
             out_ptr + q_rows[:, None] + dims[None, :],
@@ -188,9 +195,7 @@ def _attention_kernel(
 @triton.jit
 def _merge_partitions_kernel(
     out_ptr,
-    part_out_ptr,
-    part_max_ptr,
-    part_sum_ptr,
+    partials_ptr,
     lens_ptr,
     partition_size,
     num_partitions,
@@ -207,19 +212,27 @@ def _merge_partitions_kernel(
     parts = tl.arange(0, PARTITIONS_PAD)
     part_valid = parts < used
     slot = (seq * num_heads + head) * num_partitions + parts
-    maxes = tl.load(part_max_ptr + slot, mask=part_valid, other=float("-inf"))
-    sums = tl.load(part_sum_ptr + slot, mask=part_valid, other=0.0)
+    num_slots = tl.num_programs(0) * num_heads * num_partitions
+    maxes = tl.load(partials_ptr + slot, mask=part_valid, other=float("-inf"))
+    sums = tl.load(partials_ptr + num_slots + slot, mask=part_valid, other=0.0)
     weights = sums * tl.exp2(maxes - tl.max(maxes, axis=0))  # unused partitions weigh 0
     dims = tl.arange(0, HEAD_DIM_PAD)
-    partial = tl.load(
-        part_out_ptr + slot[:, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, :], mask=part_valid[:, None], other=0.0
-    )
+    part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
+    partial = tl.load(part_out + dims[None, :], mask=part_valid[:, None], other=0.0)
     out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
     tl.store(
         out_ptr + seq.to(tl.int64) * stride_out_seq + head * stride_out_head + dims,
         out.to(out_ptr.dtype.element_ty),
         mask=dims < HEAD_DIM,
     )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @functools.cache
@@ -243,13 +256,13 @@ def choose_partition_size(
     Returns ``max_context_len`` rounded up to the tile (one partition, no merge) when the batch
     alone fills the GPU.
     """
-    whole = triton.cdiv(max_context_len, tile) * tile
+    whole = _cdiv(max_context_len, tile) * tile
     wanted = programs_per_sm * _num_multiprocessors(device)
-    per_seq = triton.cdiv(wanted, num_seqs * num_kv_heads)
+    per_seq = _cdiv(wanted, num_seqs * num_kv_heads)
     if per_seq <= 1:
         return whole
-    size = max(tile, triton.next_power_of_2(triton.cdiv(max_context_len, per_seq)))
-    size = max(size, triton.next_power_of_2(triton.cdiv(max_context_len, max_partitions)))
+    size = max(tile, _next_power_of_2(_cdiv(max_context_len, per_seq)))
+    size = max(size, _next_power_of_2(_cdiv(max_context_len, max_partitions)))
     return min(size, whole)
 
 
@@ -270,6 +283,30 @@ def _launch_config(num_seqs: int, num_kv_heads: int, row_bytes: int, device: tor
     if num_seqs * num_kv_heads < _num_multiprocessors(device):
         return {"TILE": max(16, 32768 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 8}
     return {"TILE": max(16, 16384 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
+
+
+# Split-K partials, one float32 buffer per device, reused by every call instead of three
+# allocations per call. It only grows; a buffer it outgrows is kept alive, because a CUDA graph
+# captured earlier still writes to it. Calls that share it must run one after another on one
+# stream (each call's merge reads the partials before the next call writes them), which is how
+# an engine and the benchmark call attention.
+_workspaces: dict[torch.device, Tensor] = {}
+_outgrown: list[Tensor] = []
+
+
+def _workspace(device: torch.device, numel: int) -> Tensor:
+    buffer = _workspaces.get(device)
+    if buffer is None or buffer.numel() < numel:
+        if buffer is not None:
+            _outgrown.append(buffer)
+        buffer = torch.empty(_next_power_of_2(numel), device=device, dtype=torch.float32)
+        _workspaces[device] = buffer
+    return buffer
+
+
+def _partials_numel(num_seqs: int, num_heads: int, num_partitions: int, head_dim_pad: int) -> int:
+    """Floats of split-K partials: a max and a sum per (seq, head, partition), then the outputs."""
+    return num_seqs * num_heads * num_partitions * (2 + head_dim_pad)
 
 
 def attention(
@@ -296,16 +333,16 @@ def attention(
     receives the result.
     """
     paged, decode = block_tables is not None, query_start_loc is None
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[-2]
     num_seqs = context_lens.shape[0]
     group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    row_bytes = head_dim_pad * (4 if _fp32_dot(q) else q.element_size())
-    config = dict(config or _launch_config(num_seqs, num_kv_heads, row_bytes, q.device))
-    tile = config.pop("TILE")
-    programs_per_sm = config.pop("programs_per_sm", 2)
+    group_pad = _next_power_of_2(group)
+    head_dim_pad = _next_power_of_2(head_dim)
+    fp32_dot = _fp32_dot(q)
+    if config is None:
+        config = _launch_config(num_seqs, num_kv_heads, head_dim_pad * (4 if fp32_dot else q.element_size()), q.device)
+    tile = config["TILE"]
     if decode:
         block_m = max(16, group_pad)
         # _block_numbers reads one table entry per tile when blocks are at least a tile long,
@@ -315,14 +352,14 @@ def attention(
         )
         if partition_size is None:
             partition_size = choose_partition_size(
-                num_seqs, num_kv_heads, max_context_len, q.device, tile, programs_per_sm
+                num_seqs, num_kv_heads, max_context_len, q.device, tile, config.get("programs_per_sm", 2)
             )
-        num_partitions = triton.cdiv(max_context_len, partition_size)
+        num_partitions = _cdiv(max_context_len, partition_size)
         axis2 = num_partitions
     else:
         block_m = max(16, group_pad, 64 if head_dim <= 128 else 32)
-        partition_size, num_partitions = triton.cdiv(max_context_len, tile) * tile, 1
-        axis2 = triton.cdiv(max_query_len, block_m // group_pad)
+        partition_size, num_partitions = _cdiv(max_context_len, tile) * tile, 1
+        axis2 = _cdiv(max_query_len, block_m // group_pad)
     split = num_partitions > 1
 
     q = q.contiguous()
@@ -333,28 +370,26 @@ def attention(
     # is allocated for them.
     unread = context_lens
     if split:
-        part_max = torch.empty(num_seqs, num_heads, num_partitions, device=q.device, dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
-        part_out = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad, device=q.device, dtype=torch.float32)
+        partials = _workspace(q.device, _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad))
     else:
-        part_max = part_sum = part_out = out
+        partials = out
     if paged:
         block_size = k_cache.shape[1]
-        k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-        v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+        k_strides = k_cache.stride()[:3]
+        v_strides = v_cache.stride()[:3]
         tables, table_stride = block_tables, block_tables.stride(0)
     else:  # the arena as a pool of one-token blocks; the block stride is never used
         block_size = 1
-        k_strides = (0, k_cache.stride(0), k_cache.stride(1))
-        v_strides = (0, v_cache.stride(0), v_cache.stride(1))
+        k_strides = (0, *k_cache.stride()[:2])
+        v_strides = (0, *v_cache.stride()[:2])
         tables, table_stride = unread, 0
-    grid = (num_seqs, num_kv_heads, axis2)
-    _attention_kernel[grid](
+    q_strides = q.stride()
+    _attention_kernel[(num_seqs, num_kv_heads, axis2)](
         q, k_cache, v_cache, out,
         tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
-        part_out, part_max, part_sum,
+        partials,
         scale * LOG2_E, partition_size, num_partitions, num_heads,
-        q.stride(0), q.stride(1),
+        q_strides[0], q_strides[1],
         *k_strides,
         *v_strides,
         table_stride,
@@ -368,17 +403,19 @@ def attention(
         PAGED=paged,
         DECODE=decode,
         SPLIT=split,
-        FP32_DOT=_fp32_dot(q),
-        **config,
+        FP32_DOT=fp32_dot,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )  # fmt: skip
     if split:
+        out_strides = out.stride()
         _merge_partitions_kernel[(num_seqs, num_heads)](
-            out, part_out, part_max, part_sum,
+            out, partials,
             context_lens, partition_size, num_partitions, num_heads,
-            out.stride(0), out.stride(1),
+            out_strides[0], out_strides[1],
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
-            PARTITIONS_PAD=max(2, triton.next_power_of_2(num_partitions)),
+            PARTITIONS_PAD=max(2, _next_power_of_2(num_partitions)),
             num_warps=4,
         )  # fmt: skip
     return out
