@@ -1,6 +1,8 @@
-# Two entry points, each sets up .venv first (idempotent: a second run skips the install).
+# Entry points, each sets up .venv first (idempotent: a second run skips the install).
 #   make figures   regenerate the course's CPU figures into figures/
-#   make test      lint + the test suite (what CI runs)
+#   make course    the figures, then execute every notebook in place, outputs saved: at full size on a
+#                  GPU, in small mode on a CPU (minipaged.course decides; MINIPAGED_SMALL=0|1 forces it)
+#   make test      lint + the test suite (what CI runs; it executes every notebook in small mode)
 PYTHON ?= python3
 VENV   ?= .venv
 # torch is installed first, and only if the venv has none. PyPI's Linux wheel of torch is a CUDA
@@ -9,7 +11,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: setup test figures gpu-bench clean
+.PHONY: setup test figures course gpu-bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +32,9 @@ test: setup
 
 figures: setup
 	$(BIN)/python -m minipaged.experiments --out figures
+
+course: figures
+	$(BIN)/jupyter execute --inplace notebooks/*.ipynb
 
 gpu-bench: setup
 	$(BIN)/python -m minipaged.experiments.kernel_bench --out figures

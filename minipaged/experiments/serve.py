@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -92,11 +93,13 @@ def serve(
     step_duration: float = STEP_DURATION,
     measure_memory: bool = True,
     stop_at_last_arrival: bool = False,
+    on_step: Callable[[LLMEngine], None] | None = None,
 ) -> ServeResult:
     """Run a trace through `cache` until every request has finished, or with
     stop_at_last_arrival=True until the step at which the last request arrives (see the module
     docstring). With measure_memory=False the breakdown is not sampled (zeros; request counts
-    only)."""
+    only). `on_step(engine)`, when given, sees the engine after every step (the notebooks draw
+    the cache from it)."""
     if not step_duration > 0:  # also rejects NaN; a zero step would never reach a later arrival
         raise ValueError(f"step_duration must be a positive number of seconds, got {step_duration}")
     longest = max((r.final_len for r in requests), default=0)
@@ -113,6 +116,8 @@ def serve(
             params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
             engine.add(engine.make_request([0] * request.prompt_len, params, request_id=request.request_id))
         _, record = engine.step()
+        if on_step is not None:
+            on_step(engine)
         breakdown = record.breakdown
         counts = [0] * len(CATEGORIES) if breakdown is None else [getattr(breakdown, name) for name in CATEGORIES]
         samples.append((*counts, record.num_running, record.num_waiting))

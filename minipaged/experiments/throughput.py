@@ -33,7 +33,8 @@ import torch
 
 from minipaged.engine import LLM, SamplingParams
 from minipaged.experiments.cli import gpu_parser, integer
-from minipaged.experiments.kernel_bench import copy_bandwidth
+from minipaged.experiments.kernel_bench import copy_bandwidth, cuda_graph_timer
+from minipaged.experiments.roofline import kv_bytes_per_token, kv_shape, matmul_tflops
 from minipaged.workloads import sample_lengths
 
 # Llama-3.2-1B's shape: 16 layers, 2048 hidden, 32 query / 8 KV heads of dimension 64.
@@ -85,14 +86,6 @@ def make_model(name: str, device: torch.device):
         directory = cached_builtin("smollm2-135m")  # dequantized once, then read from the local cache
         return LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
     return random_model(LlamaConfig(**LLAMA_1B_SHAPE), device=device, dtype=torch.bfloat16)[1]
-
-
-def matmul_tflops(device: torch.device) -> float:
-    import triton.testing
-
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    seconds = triton.testing.do_bench(lambda: a @ a, return_mode="median") / 1e3
-    return 2 * 8192**3 / seconds / 1e12
 
 
 def run_minipaged(hf_model, system: str, work: Workload, kv_slots: int | None, max_num_seqs: int) -> dict:
@@ -176,8 +169,7 @@ def roofline_seconds(steps, hf_model, bandwidth_tbs: float, tflops: float) -> fl
     config = hf_model.config
     params = sum(p.numel() for p in hf_model.parameters())
     weight_bytes = 2 * params
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    kv_token_bytes = kv_bytes_per_token(**kv_shape(config))
     total = 0.0
     for step in steps:
         memory = (weight_bytes + kv_token_bytes * step.num_cached_tokens) / (bandwidth_tbs * 1e12)
@@ -238,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         parser.error("this experiment measures GPU throughput: it needs a CUDA GPU")
     device = torch.device("cuda")
-    bandwidth, tflops = copy_bandwidth(device, None, 1 << 30), matmul_tflops(device)
+    bandwidth, tflops = copy_bandwidth(device, None, 1 << 30), matmul_tflops(device, torch.bfloat16, cuda_graph_timer)
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {bandwidth:.2f} TB/s, bf16 matmul {tflops:.0f} TFLOP/s")
     rows = []
