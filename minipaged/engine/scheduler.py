@@ -106,10 +106,13 @@ class Scheduler:
         return sum(len(group.seqs) for group in self.running)
 
     def finish(self, group: SequenceGroup) -> None:
-        """A running group is done: every sequence it still holds goes back to the cache."""
-        self.running.remove(group)
-        for seq_id in self._held(group):
-            self.cache.free(seq_id)
+        """A group is done (finished, or aborted wherever it is): the memory it holds on the
+        device or in swap space goes back to the cache."""
+        queue = {Status.WAITING: self.waiting, Status.RUNNING: self.running, Status.SWAPPED: self.swapped}[group.status]
+        queue.remove(group)
+        if group.status is not Status.WAITING:
+            for seq_id in self._held(group):
+                self.cache.free(seq_id)
         group.seqs, group.forks, group.dropped = [], [], []
         group.status = Status.FINISHED
 
