@@ -17,9 +17,10 @@ def test_steps_figure_draws_batch_and_kv_share_against_time():
     fig = steps_figure({"paged": run_stats([2, 2, 1], [10, 12, 7], 9.0), "max": run_stats([1, 1], [5, 6], 4.0)})
     batch_ax, kv_ax = fig.axes
     paged_batch, max_batch = batch_ax.get_lines()
-    assert list(paged_batch.get_xdata()) == pytest.approx([0.01, 0.02, 0.03])  # each step: 1 ms schedule + 9 ms forward
-    assert list(paged_batch.get_ydata()) == [2, 2, 1]
-    assert list(kv_ax.get_lines()[1].get_ydata()) == [5.0, 6.0]  # percent of the 100 slots
+    # Each step starts where the last ended (1 ms schedule + 9 ms forward) and holds its value to its end.
+    assert list(paged_batch.get_xdata()) == pytest.approx([0.0, 0.01, 0.02, 0.03])
+    assert list(paged_batch.get_ydata()) == [2, 2, 1, 1]
+    assert list(kv_ax.get_lines()[1].get_ydata()) == [5.0, 6.0, 6.0]  # percent of the 100 slots
     assert "5 tok/s" in batch_ax.get_legend().get_texts()[0].get_text()
     plt.close(fig)
 

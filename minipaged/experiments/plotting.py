@@ -45,24 +45,28 @@ def save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def _step_times(stats) -> list[float]:
-    """Wall-clock seconds since the run began at the end of each step (the phases' sum)."""
-    times, now = [], 0.0
+def _step_edges(stats) -> list[float]:
+    """Wall-clock seconds since the run began at the start of each step, then at the end of the
+    last one (a step's time is the sum of its phases)."""
+    edges = [0.0]
     for step in stats.steps:
-        now += sum(step.seconds.values())
-        times.append(now)
-    return times
+        edges.append(edges[-1] + sum(step.seconds.values()))
+    return edges
 
 
 def steps_figure(runs: dict) -> plt.Figure:
     """Engine runs over time, one line per run (``{label: llm.stats}``): the requests running in
-    each step's batch, and the share of the KV space holding token states."""
+    each step's batch, and the share of the KV space holding token states, each held for the
+    step's duration."""
     fig, (batch_ax, kv_ax) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
     for label, stats in runs.items():
-        times = _step_times(stats)
+        edges = _step_edges(stats)
+        running = [s.num_running for s in stats.steps]
+        kv_share = [100 * u for u in stats.kv_utilization]
         name = f"{label}: {stats.output_tokens_per_second:,.0f} tok/s, mean batch {stats.mean_running:.1f}"
-        batch_ax.step(times, [s.num_running for s in stats.steps], where="post", label=name)
-        kv_ax.step(times, [100 * u for u in stats.kv_utilization], where="post", label=label)
+        # The last value is repeated so that the last step is drawn up to its end.
+        batch_ax.step(edges, running + running[-1:], where="post", label=name)
+        kv_ax.step(edges, kv_share + kv_share[-1:], where="post", label=label)
     batch_ax.set(ylabel="requests running", title="Continuous batching, step by step")
     batch_ax.set_ylim(bottom=0)
     kv_ax.set(xlabel="time since the first step (s)", ylabel="KV space holding tokens (%)", ylim=(0, 100))
@@ -87,6 +91,6 @@ def time_breakdown_figure(runs: dict) -> plt.Figure:
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set(xlabel="mean wall time per step (ms)", title="Where a step's time goes")
-    ax.legend(ncol=len(phases), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
