@@ -1,5 +1,6 @@
 """The GPU experiments (throughput, preemption) on a machine without one: they say so with a usage
-error instead of failing half-way, and throughput's figure is redrawn from committed CSVs."""
+error instead of failing half-way, throughput's figure is redrawn from committed CSVs, and preemption runs
+small on a CPU (what a notebook does in small mode)."""
 
 import csv
 
@@ -40,3 +41,11 @@ def test_throughput_redraws_merged_csvs(tmp_path):
     merged = list(csv.DictReader((tmp_path / "out" / "throughput.csv").open()))
     assert [r["system"] for r in merged] == ["minipaged paged", "transformers generate_batch"]
     assert (tmp_path / "out" / "throughput.png").stat().st_size > 0
+
+
+def test_preemption_runs_on_a_cpu_with_a_small_model():
+    rows = preemption.run(32, reps=1, device="cpu", shape=preemption.SMALL_SHAPE, block_sizes=(1, 16))
+    assert [row["block_size"] for row in rows] == [1, 16]
+    assert all(row[key] > 0 for row in rows for key in ("recompute_ms", "swap_one_transfer_ms", "swap_per_block_ms"))
+    fig = preemption.figure(rows, "CPU")
+    assert fig.axes[0].get_xlabel() == "block size (tokens)"

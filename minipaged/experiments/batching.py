@@ -70,7 +70,7 @@ def run(
     return cli.map_runs(one_run, runs, jobs, "batching")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict]) -> plt.Figure:
     """Per dataset: requests batched against the rate, one line per system, the paper's points."""
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
@@ -92,7 +92,11 @@ def plot(rows: list[dict], path: Path) -> None:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
-    save(fig, path)
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    save(figure(rows), path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """What every experiment's figures share: the Agg backend (no display needed), one colour per
-memory category (the same in every figure), and saving; and the pictures of a contiguous arena
-that the notebooks draw (a buddy allocator's blocks, and the arena slot by slot as a trace runs).
+memory category (the same in every figure), and saving; the pictures of a contiguous arena that
+the notebooks draw (a buddy allocator's blocks, and the arena slot by slot as a trace runs); and
+the figures of an engine run (``LLM.stats``).
 
-Agg is chosen only where nobody chose a backend: Jupyter sets ``MPLBACKEND`` to its inline
-backend, and forcing Agg there would stop a notebook's figures from showing.
+The Agg backend is chosen only when ``MPLBACKEND`` names none: a Jupyter kernel sets it to its
+inline backend, so that a notebook shows the figures these functions return.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-if "MPLBACKEND" not in os.environ:
+if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.animation import FuncAnimation  # noqa: E402
@@ -79,14 +80,14 @@ def arena_map(engine) -> np.ndarray:
     cache, scheduler = engine.cache, engine.scheduler
     index = {name: i for i, name in enumerate(CATEGORY_ORDER)}
     slots = np.full(cache.capacity, index["free"], dtype=np.int8)
-    for seq in scheduler.running:
+    for seq in (seq for group in scheduler.running for seq in group.seqs):
         start, size = cache.slab(seq.seq_id)
         filled, will_fill = cache.num_tokens(seq.seq_id), min(seq.max_len, size)
         slots[start:start + filled] = index["token_states"]
         slots[start + filled:start + will_fill] = index["reservation"]
         slots[start + will_fill:start + size] = index["internal_fragmentation"]
     if scheduler.waiting:
-        head = scheduler.waiting[0]
+        head = scheduler.waiting[0].seqs[0]
         needed = cache.buddy.block_size_for(cache.reserved_slots(len(head.token_ids), head.max_len))
         for offset, size in cache.buddy.free_blocks():
             if size < needed:
@@ -128,3 +129,54 @@ def animate_arena(frames: list[np.ndarray], steps: list[int], width: int = 64, t
     animation = FuncAnimation(fig, show, frames=len(frames), interval=150, blit=False)
     plt.close(fig)  # shown through the animation, not as a still figure
     return animation
+
+
+def _step_edges(stats) -> list[float]:
+    """Wall-clock seconds since the run began at the start of each step, then at the end of the
+    last one (a step's time is the sum of its phases)."""
+    edges = [0.0]
+    for step in stats.steps:
+        edges.append(edges[-1] + sum(step.seconds.values()))
+    return edges
+
+
+def steps_figure(runs: dict) -> plt.Figure:
+    """Engine runs over time, one line per run (``{label: llm.stats}``): the requests running in
+    each step's batch, and the share of the KV space holding token states, each held for the
+    step's duration."""
+    fig, (batch_ax, kv_ax) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    for label, stats in runs.items():
+        edges = _step_edges(stats)
+        running = [s.num_running for s in stats.steps]
+        kv_share = [100 * u for u in stats.kv_utilization]
+        name = f"{label}: {stats.output_tokens_per_second:,.0f} tok/s, mean batch {stats.mean_running:.1f}"
+        # The last value is repeated so that the last step is drawn up to its end.
+        batch_ax.step(edges, running + running[-1:], where="post", label=name)
+        kv_ax.step(edges, kv_share + kv_share[-1:], where="post", label=label)
+    batch_ax.set(ylabel="requests running", title="Continuous batching, step by step")
+    batch_ax.set_ylim(bottom=0)
+    kv_ax.set(xlabel="time since the first step (s)", ylabel="KV space holding tokens (%)", ylim=(0, 100))
+    batch_ax.legend(fontsize=8)
+    for ax in (batch_ax, kv_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def time_breakdown_figure(runs: dict) -> plt.Figure:
+    """Where a step's host wall time goes, per run (``{label: llm.stats}``): mean milliseconds per
+    step in each phase (schedule, prepare, forward, sample, postprocess), stacked."""
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.6))
+    labels = list(runs)
+    phases = list(dict.fromkeys(phase for stats in runs.values() for phase in stats.time_breakdown()))
+    left = [0.0] * len(labels)
+    for phase in phases:
+        widths = [1e3 * runs[label].time_breakdown().get(phase, 0.0) / max(len(runs[label].steps), 1)
+                  for label in labels]
+        ax.barh(labels, widths, left=left, label=phase)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set(xlabel="mean wall time per step (ms)", title="Where a step's time goes")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig

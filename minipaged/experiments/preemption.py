@@ -14,6 +14,10 @@ The paper found recomputation's cost flat in the block size and never above 20% 
 at small blocks (Fig. 19): swapping pays per block. The model is a random-weight model of
 Llama-3.2-1B's shape in bfloat16 (16 layers, 8 KV heads of dimension 64: 32 KB of K/V per token).
 
+``run`` also takes ``device="cpu"`` and a smaller shape, so that a notebook can draw the chart
+without a GPU; there "swap" copies host memory to host memory (no PCIe), so only the cost of many
+small copies against one large one carries over, not the GPU's numbers.
+
     python -m minipaged.experiments.preemption --out DIR [--quick]
 
 Writes DIR/preemption.csv and DIR/preemption.png.
@@ -34,17 +38,24 @@ from minipaged.kv import PagedKVCache
 from minipaged.kv.block_allocator import blocks_needed
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A model small enough to recompute in milliseconds on a CPU (2 layers, one KV head of dimension 64).
+SMALL_SHAPE = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
 
 
-def timed(fn: Callable[[], object], reps: int) -> float:
-    """Median wall-clock milliseconds of ``fn`` (the GPU synchronised after each call)."""
+def timed(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    """Median wall-clock milliseconds of ``fn`` (a GPU synchronised after each call)."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    torch.cuda.synchronize()
+    synchronize()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -63,13 +74,15 @@ def copy_per_block(cache: PagedKVCache, seq_id: int) -> None:
 
 def measure(model, num_tokens: int, block_size: int, reps: int) -> dict:
     config = model.config
+    weight = next(model.parameters())
+    device = weight.device
     num_blocks = blocks_needed(num_tokens, block_size)
     cache = PagedKVCache(num_blocks, block_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                         head_dim=config.head_dim, dtype=torch.bfloat16, device="cuda", max_seq_len=num_tokens,
+                         head_dim=config.head_dim, dtype=weight.dtype, device=device, max_seq_len=num_tokens,
                          num_cpu_blocks=num_blocks)
     cache.allocate(0, num_tokens)
-    ids = torch.randint(0, config.vocab_size, (num_tokens,), device="cuda")
-    positions = torch.arange(num_tokens, device="cuda")
+    ids = torch.randint(0, config.vocab_size, (num_tokens,), device=device)
+    positions = torch.arange(num_tokens, device=device)
     metadata = cache.attention_metadata([0], [num_tokens])
 
     def swap() -> None:
@@ -77,13 +90,29 @@ def measure(model, num_tokens: int, block_size: int, reps: int) -> dict:
         cache.swap_in([0])
 
     with torch.inference_mode():
-        recompute = timed(lambda: model(ids, positions, cache, metadata), reps)
+        recompute = timed(lambda: model(ids, positions, cache, metadata), reps, device)
     return dict(block_size=block_size, tokens=num_tokens, recompute_ms=recompute,
-                swap_one_transfer_ms=timed(swap, reps), swap_per_block_ms=timed(lambda: copy_per_block(cache, 0), reps))
+                swap_one_transfer_ms=timed(swap, reps, device),
+                swap_per_block_ms=timed(lambda: copy_per_block(cache, 0), reps, device))
 
 
-def plot(rows: list[dict], path: Path, gpu: str) -> None:
-    from minipaged.experiments.plotting import plt, save
+def run(num_tokens: int, reps: int, device: str | torch.device = "cuda", shape: dict | None = None,
+        block_sizes: tuple[int, ...] = BLOCK_SIZES) -> list[dict]:
+    """One row per block size: the three ways of bringing back one request of ``num_tokens`` tokens,
+    on a random model of ``shape`` (transformers' LlamaConfig arguments; default Llama-3.2-1B's,
+    ``SMALL_SHAPE`` for a CPU) in bfloat16 on a GPU, float32 on a CPU."""
+    from transformers import LlamaConfig
+
+    from minipaged.experiments.throughput import LLAMA_1B_SHAPE
+    from minipaged.model import random_model
+
+    model = random_model(LlamaConfig(**(shape or LLAMA_1B_SHAPE)), device=device)[0]
+    return [measure(model, num_tokens, block_size, reps) for block_size in block_sizes]
+
+
+def figure(rows: list[dict], device_name: str):
+    """Latency against block size, one line per way (log-log); returns the matplotlib figure."""
+    from minipaged.experiments.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     sizes = [r["block_size"] for r in rows]
@@ -92,10 +121,16 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
                               ("swap_per_block_ms", "swap (a copy per block, as in the paper)", "^--")]:
         ax.plot(sizes, [r[key] for r in rows], style, label=label)
     ax.set(xscale="log", yscale="log", xlabel="block size (tokens)", ylabel="latency (ms)",
-           title=f"Bringing back a {rows[0]['tokens']}-token request ({gpu})")
+           title=f"Bringing back a {rows[0]['tokens']}-token request ({device_name})")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.legend()
-    save(fig, path)
+    return fig
+
+
+def plot(rows: list[dict], path: Path, gpu: str) -> None:
+    from minipaged.experiments.plotting import save
+
+    save(figure(rows, gpu), path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,15 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this experiment times GPU <-> CPU copies and a GPU forward pass: it needs a CUDA GPU")
-    from transformers import LlamaConfig
-
-    from minipaged.experiments.throughput import LLAMA_1B_SHAPE
-    from minipaged.model import random_model
-
-    model, hf_model = random_model(LlamaConfig(**LLAMA_1B_SHAPE), device="cuda", dtype=torch.bfloat16)
-    del hf_model
     num_tokens, reps = (256, 3) if args.quick else (2048, 10)
-    rows = [measure(model, num_tokens, block_size, reps) for block_size in BLOCK_SIZES]
+    rows = run(num_tokens, reps)
     gpu = torch.cuda.get_device_name()
     for row in rows:
         print(row)
