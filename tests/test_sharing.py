@@ -255,7 +255,7 @@ def test_a_group_the_pool_can_never_hold_is_refused_before_anything_is_allocated
         engine.beam_search(PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=12), use_tqdm=False)
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine.generate(PROMPTS[0], SamplingParams(n=9, max_tokens=2), use_tqdm=False)
-    with pytest.raises(ValueError, match="BeamSearchParams"):
+    with pytest.raises(ValueError, match="expected BeamSearchParams"):
         engine.beam_search(PROMPTS[0], SamplingParams(), use_tqdm=False)
     assert engine.cache.seq_ids == [] and not engine.engine.has_unfinished()
     assert beams_of(engine, BeamSearchParams(beam_width=2, max_tokens=4), PROMPTS[:1])  # and it still serves

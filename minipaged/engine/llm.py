@@ -441,10 +441,7 @@ class LLM:
         """Complete every prompt (a string, or a list of token ids); outputs in the prompts' order,
         each with ``n`` completions in the order of their samples."""
         prompts = self._prompt_list(prompts)
-        params = sampling_params or SamplingParams()
-        param_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(param_list) != len(prompts):
-            raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts: pass one, or one each")
+        param_list = self._param_list(sampling_params or SamplingParams(), len(prompts), SamplingParams)
         # Every request is checked before any is queued, so a bad one leaves the engine untouched.
         groups = [self.engine.make_request(self._encode(p), sp) for p, sp in zip(prompts, param_list)]
         return self._run(prompts, groups, use_tqdm)
@@ -452,18 +449,17 @@ class LLM:
     def beam_search(
         self,
         prompts: str | list[int] | list[str | list[int]],
-        params: BeamSearchParams,
+        params: BeamSearchParams | list[BeamSearchParams],
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """The ``beam_width`` most likely completions of every prompt, best first (see
         ``minipaged.engine.beam_search`` for the rule, transformers' own). The beams of a prompt
         share their common history's blocks in the paged cache; in the contiguous cache each
-        beam holds a slab of its own, copied when it forks."""
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
+        beam holds a slab of its own, copied when it forks. All prompts are searched at once."""
         prompts = self._prompt_list(prompts)
-        groups = [self.engine.make_request(self._encode(p), params) for p in prompts]
+        param_list = self._param_list(params, len(prompts), BeamSearchParams)
+        groups = [self.engine.make_request(self._encode(p), bp) for p, bp in zip(prompts, param_list)]
         return self._run(prompts, groups, use_tqdm)
 
     @staticmethod
@@ -471,6 +467,17 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             return [prompts]
         return prompts
+
+    @staticmethod
+    def _param_list(params, num_prompts: int, kind: type) -> list:
+        """One parameter object per prompt (one given for all, or one each), each of ``kind``."""
+        param_list = params if isinstance(params, list) else [params] * num_prompts
+        if len(param_list) != num_prompts:
+            raise ValueError(f"got {len(param_list)} {kind.__name__} for {num_prompts} prompts: pass one, or one each")
+        for p in param_list:
+            if not isinstance(p, kind):
+                raise ValueError(f"expected {kind.__name__}, got {type(p).__name__}")
+        return param_list
 
     def chat(
         self,

@@ -40,3 +40,13 @@ DEFAULT_BLOCK_SIZE = 16
 
 # Figure 18b (§7.2): per dataset, the range of block sizes with the best end-to-end latency.
 FIGURE_18B_BEST_BLOCK_SIZES = {"sharegpt": (16, 128), "alpaca": (16, 32)}
+
+# Figure 15 (§6.3; OPT-13B, Alpaca): memory saved by sharing, in percent of the blocks the
+# sequences would hold without it, per parallel-sampling n and per beam width.
+FIGURE_15 = {"parallel": {2: 6.09, 4: 8.53, 6: 9.79}, "beam": {2: 37.56, 4: 53.13, 6: 55.16}}
+# §6.3 on ShareGPT, (low, high) over n = 2..6 / widths 2..6.
+FIGURE_15_SHAREGPT = {"parallel": (16.2, 30.5), "beam": (44.3, 66.3)}
+
+# §6.4, Figure 17: a shared few-shot prefix before every prompt (translation, LLaMA-13B): prefix
+# length in tokens and vLLM's throughput over Orca (Oracle).
+SHARED_PREFIX = {"1-shot": (80, 1.67), "5-shot": (341, 3.58)}
