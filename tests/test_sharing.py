@@ -259,3 +259,19 @@ def test_a_group_the_pool_can_never_hold_is_refused_before_anything_is_allocated
         engine.beam_search(PROMPTS[0], SamplingParams(), use_tqdm=False)
     assert engine.cache.seq_ids == [] and not engine.engine.has_unfinished()
     assert beams_of(engine, BeamSearchParams(beam_width=2, max_tokens=4), PROMPTS[:1])  # and it still serves
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("setting", [{}, dict(num_blocks=16)], ids=["roomy", "recompute"])
+def test_on_the_gpu_beams_and_samples_replay_cuda_graphs_and_equal_transformers(setting):
+    hf_model = with_eos(random_model(LlamaConfig(**BASE, **HEADS["gqa"]), seed=1, device="cuda",
+                                     dtype=torch.float32)[1], None)
+    expected = [hf_beams(hf_model, p, 3, None) for p in PROMPTS]
+    engine = llm(hf_model, device="cuda", **setting)
+    assert engine.engine.runner.graphs  # decode steps replay CUDA graphs
+    assert beams_of(engine, BeamSearchParams(beam_width=3, max_tokens=MAX_TOKENS)) == expected
+    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    on_gpu = [[c.token_ids for c in o.outputs] for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+    assert all(len({tuple(s) for s in samples}) == 3 for samples in on_gpu)
+    assert engine.cache.seq_ids == [] and engine.cache.num_free_blocks == engine.cache.num_blocks

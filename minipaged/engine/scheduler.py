@@ -164,7 +164,13 @@ class Scheduler:
             group = self.waiting[0]
             chunks = self._first_chunks(group, budget)
             requests = [(n, seq.max_len, self._token_ids(seq, 0, n)) for seq, n in chunks]
-            if not self.cache.can_allocate_many(requests):
+            if len(requests) == 1:  # one sequence; a new request also needs room for the forks it will make
+                seq = group.seqs[0]
+                width = group.width if len(seq.token_ids) == seq.num_prompt_tokens else 1
+                fits = self.cache.can_allocate(*requests[0], width=width)
+            else:  # a group preempted by recompute: each sequence is prefilled again
+                fits = self.cache.can_allocate_many(requests)
+            if not fits:
                 break
             self.waiting.popleft()
             group.status = Status.RUNNING
@@ -222,9 +228,14 @@ class Scheduler:
 
     # -- memory ----------------------------------------------------------------------------
     def _catch_up(self, group: SequenceGroup) -> bool:
-        """Fork the group's new children in the cache, then free what it dropped (in that order:
-        a dropped sequence may be a child's parent). False if a fork found no memory (a
-        contiguous slab; paged forks share and never fail); the forks made so far stay made."""
+        """Free what the group dropped, fork its new children in the cache, then free the dropped
+        parents of those children (a finished sample can be one). Freeing first lets a contiguous
+        fork reuse a dropped beam's slab. False if a fork found no memory (a contiguous slab;
+        paged forks share and never fail); what was done so far stays done."""
+        parents = {parent.seq_id for parent, _ in group.forks}
+        for seq in [seq for seq in group.dropped if seq.seq_id not in parents]:
+            self.cache.free(seq.seq_id)
+            group.dropped.remove(seq)
         while group.forks:
             parent, child = group.forks[0]
             try:

@@ -83,8 +83,11 @@ class KVCache(ABC):
         """Slots per block (1 for the contiguous cache, whose blocks are single slots)."""
 
     @abstractmethod
-    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        """Would ``allocate`` succeed now? ValueError for a request no state of the cache could hold."""
+    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None,
+                     width: int = 1) -> bool:
+        """Would ``allocate`` succeed now, and with ``width > 1`` would the ``width`` sequences
+        forked from it (parallel samples, beams) fit too, once each writes its first token?
+        ValueError for a request no state of the cache could hold."""
 
     @abstractmethod
     def allocate(

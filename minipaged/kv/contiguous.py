@@ -88,8 +88,10 @@ class ContiguousKVCache(KVCache):
         return size
 
     # -- allocate / append / free ----------------------------------------------------------
-    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        return self.buddy.can_allocate(self.reserved_slots(num_tokens, final_len, token_ids))
+    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None,
+                     width: int = 1) -> bool:
+        size = self.reserved_slots(num_tokens, final_len, token_ids)
+        return self.buddy.can_allocate(size) if width == 1 else _fits(self.buddy, [size] * width)  # a slab each
 
     def allocate(
         self, seq_id: int, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None

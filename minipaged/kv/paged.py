@@ -120,8 +120,11 @@ class PagedKVCache(KVCache):
         return needed
 
     # -- allocate / append / free ----------------------------------------------------------
-    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None) -> bool:
-        needed = self.prompt_blocks(num_tokens, final_len, token_ids)
+    def can_allocate(self, num_tokens: int, final_len: int | None = None, token_ids: list[int] | None = None,
+                     width: int = 1) -> bool:
+        # Forks share the prompt's blocks; all but one copy its last block if it is partly filled.
+        copies = (width - 1) * (num_tokens % self.block_size != 0)
+        needed = self.prompt_blocks(num_tokens, final_len, token_ids) + copies
         hits = self.prefix_cache.lookup(token_ids, num_tokens)
         return needed - len(hits) <= self.allocator.num_free_besides(hits) - self.watermark_blocks
 
