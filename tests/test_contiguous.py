@@ -115,6 +115,27 @@ def test_pow2_is_capped_at_max_seq_len():
     assert cache.slab(0)[1] == 64
 
 
+def test_a_reservation_function_sets_the_slab_size():
+    cache = make(reservation=lambda num_tokens, final_len: final_len + 3)
+    cache.allocate(0, 12, final_len=21)
+    assert cache.slab(0)[1] == 24
+    assert cache.memory_breakdown() == MemoryBreakdown(12, 9, 3, 0, 256 - 24)
+
+
+@pytest.mark.parametrize("policy", [lambda p, f: f - 1, lambda p, f: 65, lambda p, f: f + 0.5, lambda p, f: None],
+                         ids=["short-of-final_len", "past-max_seq_len", "not-an-integer", "none"])
+def test_a_reservation_function_outside_final_len_to_max_seq_len_is_refused(policy):
+    cache = make(reservation=policy)
+    with pytest.raises(ValueError, match="reservation policy reserved"):
+        cache.allocate(0, 12, final_len=21)
+    assert cache.seq_ids == [] and cache.buddy.num_free_slots == 256
+
+
+def test_a_reservation_function_needs_final_len():
+    with pytest.raises(ValueError, match="final_len"):
+        make(reservation=lambda p, f: f).allocate(0, 12)
+
+
 def test_breakdown_of_one_request_per_policy():
     # 12 tokens now, 21 at the end. Arena 256 slots; max_seq_len 64.
     expected = {

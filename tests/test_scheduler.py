@@ -1,12 +1,15 @@
 """THE scheduler, driven through the engine loop with the known-lengths stand-in: exact plans on
 traces small enough to follow by hand, and random traces that must all finish, with the right
-lengths and no block leaked, on both caches and under both preemption modes."""
+lengths and no block leaked, on both caches, under both preemption modes and any choice of victim."""
+
+import copy
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipaged.engine import LLMEngine, SamplingParams, StandInRunner
+from minipaged.engine.scheduler import Scheduler
 from minipaged.kv import ContiguousKVCache, PagedKVCache
 
 
@@ -28,6 +31,14 @@ def plans(engine, steps: int) -> list[list[tuple[int, int]]]:
         engine.step()
         out.append([(s.seq.seq_id, s.num_new_tokens) for s in engine.last_plan.scheduled])
     return out
+
+
+def run_to_end(engine, max_steps: int = 2000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert not engine.has_unfinished()
 
 
 def test_first_come_first_served_and_nothing_overtakes_the_head():
@@ -87,11 +98,7 @@ def test_every_request_finishes_with_its_length_and_no_memory_leaks(kind, mode, 
         cache = ContiguousKVCache(32, "oracle", max_seq_len=24)
     engine = engine_for(cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, preemption_mode=mode)
     seqs = [add(engine, p, o) for p, o in lengths]
-    for _ in range(2000):
-        if not engine.has_unfinished():
-            break
-        engine.step()
-    assert not engine.has_unfinished()
+    run_to_end(engine)
     assert [len(s.output_token_ids) for s in seqs] == [o for _, o in lengths]
     assert cache.seq_ids == []
     assert cache.memory_breakdown().free == cache.capacity
@@ -106,3 +113,61 @@ def test_a_request_the_cache_can_never_hold_is_refused_before_anything_is_queued
     with pytest.raises(ValueError, match="max_model_len"):
         add(engine, 64, 1)
     assert not engine.has_unfinished()
+
+
+class OldestVictim(Scheduler):
+    def choose_victim(self, candidates):
+        return candidates[0]
+
+
+class MostTokensVictim(Scheduler):
+    def choose_victim(self, candidates):
+        return max(reversed(candidates), key=lambda group: sum(seq.num_cached for seq in group.seqs))
+
+
+def with_scheduler(engine, scheduler_class):
+    """The engine with its scheduler replaced by a subclass choosing its own victims."""
+    old = engine.scheduler
+    engine.scheduler = scheduler_class(old.cache, max_num_seqs=old.max_num_seqs,
+                                       max_num_batched_tokens=old.max_num_batched_tokens,
+                                       preemption_mode=old.preemption_mode)
+    return engine
+
+
+def test_choose_victim_picks_among_the_group_without_room_and_the_groups_after_it():
+    # 2 blocks of 2 slots, both taken by the prompts of A and B. A's third token needs a block:
+    # by default B (the newest) is preempted; choosing the oldest candidate preempts A itself,
+    # and B grows into A's block in the same step.
+    default = engine_for(PagedKVCache(2, 2, max_seq_len=16))
+    a, b = add(default, 2, 2), add(default, 2, 2)
+    assert plans(default, 4) == [[(a.seq_id, 2), (b.seq_id, 2)], [(a.seq_id, 1)], [(b.seq_id, 3)], []]
+    oldest = with_scheduler(engine_for(PagedKVCache(2, 2, max_seq_len=16)), OldestVictim)
+    a, b = add(oldest, 2, 2), add(oldest, 2, 2)
+    assert plans(oldest, 4) == [[(a.seq_id, 2), (b.seq_id, 2)], [(b.seq_id, 1)], [(a.seq_id, 3)], []]
+    assert default.scheduler.num_preemptions == oldest.scheduler.num_preemptions == 1
+
+
+def test_choose_victim_must_return_a_candidate():
+    class Outsider(Scheduler):
+        def choose_victim(self, candidates):
+            return copy.copy(candidates[-1])  # a look-alike, not a running group
+
+    engine = with_scheduler(engine_for(PagedKVCache(2, 2, max_seq_len=16)), Outsider)
+    add(engine, 2, 2), add(engine, 2, 2)
+    engine.step()
+    with pytest.raises(AssertionError, match="one of the candidates"):
+        engine.step()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", [OldestVictim, MostTokensVictim])
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=12),
+       budget=st.integers(1, 30))
+def test_any_victim_policy_finishes_every_request_with_its_length_and_leaks_nothing(policy, mode, lengths, budget):
+    cache = PagedKVCache(7, 4, max_seq_len=24, num_cpu_blocks=16)
+    engine = with_scheduler(engine_for(cache, max_num_batched_tokens=budget, preemption_mode=mode), policy)
+    seqs = [add(engine, p, o) for p, o in lengths]
+    run_to_end(engine)
+    assert [len(s.output_token_ids) for s in seqs] == [o for _, o in lengths]
+    assert cache.seq_ids == [] and cache.num_free_blocks == 7

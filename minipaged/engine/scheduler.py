@@ -18,8 +18,8 @@ One step, in this order (as vLLM's scheduler, and Orca's iteration-level schedul
    at the next append, not here), and sequences it dropped are freed. Then each sequence feeds
    its next token (decode), or its next chunk of prompt (chunked prefill), and needs room for
    those tokens (``can_append_many``, then ``append_slots``). When the cache has none, the
-   *newest* running group is preempted (the latest-arrived first) until there is room or the
-   group preempted itself:
+   *newest* running group is preempted (the latest-arrived first; ``choose_victim`` says so and
+   a subclass may choose another) until there is room or the group preempted itself:
    * ``recompute``: its memory is freed and it goes back to the front of the waiting queue, each
      sequence to be prefilled again from every token it had (prompt + generated);
    * ``swap``: its K/V moves to the CPU pool (falling back to recompute when that is full) and
@@ -127,11 +127,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             group = self.running[index]
             if not self._catch_up(group):
-                self._preempt(self.running.pop())  # the newest; if that was this group, the loop ends
+                self._preempt_one(index)  # if that was this group, the next one takes its index
                 continue
             appends = self._next_tokens(group, budget)
             if not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
-                self._preempt(self.running.pop())
+                self._preempt_one(index)
                 continue
             scheduled += [self._append(group, seq, n) for seq, n in appends]
             budget -= sum(n for _, n in appends)
@@ -252,6 +252,22 @@ class Scheduler:
         """Sequences of the group whose K/V the cache holds (live or swapped out)."""
         pending = {child.seq_id for _, child in group.forks}
         return [seq.seq_id for seq in group.seqs + group.dropped if seq.seq_id not in pending]
+
+    def choose_victim(self, candidates: list[SequenceGroup]) -> SequenceGroup:
+        """The group to preempt when a running group finds no room, among ``candidates``: that
+        group and the running groups after it (not yet scheduled this step), oldest first.
+
+        vLLM's rule, the newest. A subclass may choose otherwise (notebook 7's exercise).
+        """
+        return candidates[-1]
+
+    def _preempt_one(self, index: int) -> None:
+        """Preempt one of the running groups from ``index`` on, as ``choose_victim`` picks."""
+        candidates = self.running[index:]
+        victim = self.choose_victim(list(candidates))
+        at = next((index + i for i, group in enumerate(candidates) if group is victim), None)
+        assert at is not None, "choose_victim must return one of the candidates"
+        self._preempt(self.running.pop(at))
 
     def _preempt(self, group: SequenceGroup) -> None:
         self.num_preemptions += 1

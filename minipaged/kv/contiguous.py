@@ -12,6 +12,10 @@ they reserve (§6.1):
   too much for the output;
 * ``oracle``: exactly the true total length (an impossible ideal: it knows the future).
 
+A policy of your own is a function ``reservation(num_tokens, final_len) -> slots`` passed in
+place of the name (notebook 7's exercise); the cache checks that it reserves at least
+``final_len`` and at most ``max_seq_len`` slots.
+
 Slabs are carved out of one arena per layer (``[num_slots, num_kv_heads, head_dim]``) by a
 buddy allocator (``minipaged.kv.buddy``), as in the paper. This is where Figure 2's waste comes
 from: reserved slots not yet used (*reservation*), reserved slots never used (*internal
@@ -24,6 +28,8 @@ arena is the paged layout with a block size of one slot).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +46,7 @@ class ContiguousKVCache(KVCache):
     def __init__(
         self,
         num_slots: int,
-        reservation: str = "max",
+        reservation: str | Callable[[int, int], int] = "max",
         *,
         num_layers: int = 1,
         num_kv_heads: int = 1,
@@ -50,8 +56,8 @@ class ContiguousKVCache(KVCache):
         max_seq_len: int = 2048,
     ) -> None:
         check_positive("num_slots", num_slots)
-        if reservation not in RESERVATIONS:
-            raise ValueError(f"reservation must be one of {RESERVATIONS}, got {reservation!r}")
+        if not callable(reservation) and reservation not in RESERVATIONS:
+            raise ValueError(f"reservation must be one of {RESERVATIONS} or a function, got {reservation!r}")
         super().__init__((num_slots,), num_layers, num_kv_heads, head_dim, dtype, device, max_seq_len)
         self.num_slots, self.reservation = num_slots, reservation
         self.buddy = BuddyAllocator(num_slots)
@@ -79,6 +85,11 @@ class ContiguousKVCache(KVCache):
             size = self.max_seq_len
         elif final_len is None:
             raise ValueError(f"reservation {self.reservation!r} needs the request's final_len")
+        elif callable(self.reservation):
+            size = self.reservation(num_tokens, final_len)
+            if isinstance(size, bool) or not isinstance(size, int) or not final_len <= size <= self.max_seq_len:
+                raise ValueError(f"the reservation policy reserved {size!r} slots for a request of {final_len} "
+                                 f"tokens: it must reserve an integer from final_len to max_seq_len={self.max_seq_len}")
         elif self.reservation == "pow2" and final_len > num_tokens:
             # The prompt is at most max_seq_len, so the cap keeps size >= final_len.
             size = min(num_tokens + next_power_of_two(final_len - num_tokens), self.max_seq_len)
