@@ -33,6 +33,7 @@ import minipaged.ops as ops  # noqa: E402
 from minipaged.ops import checks, reference, triton_attention, triton_layers  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+WORKSPACE_DEVICE = torch.empty(0, device=DEVICE).device  # with its index (cuda:0), as tensors name it
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_RUNS = HAS_CUDA or (INTERPRETING and type(triton_attention._attention_kernel).__name__ == "InterpretedFunction")
 needs_triton = pytest.mark.skipif(
@@ -825,12 +826,12 @@ def test_split_k_partials_reuse_one_workspace_that_only_grows():
         )  # fmt: skip
 
     assert rel_error(split_call(32), want) < 1e-5
-    buffer = triton_attention._workspaces[DEVICE]
+    buffer = triton_attention._workspaces[WORKSPACE_DEVICE]
     assert rel_error(split_call(32), want) < 1e-5
-    assert triton_attention._workspaces[DEVICE] is buffer  # reused, not reallocated
+    assert triton_attention._workspaces[WORKSPACE_DEVICE] is buffer  # reused, not reallocated
     needed = triton_attention._partials_numel(2, 4, triton.cdiv(90, 4), 64)
     assert rel_error(split_call(4), want) < 1e-5  # 23 partitions: the buffer may have to grow
-    grown = triton_attention._workspaces[DEVICE]
+    grown = triton_attention._workspaces[WORKSPACE_DEVICE]
     assert grown.numel() >= needed
     if grown is not buffer:
         assert any(old is buffer for old in triton_attention._outgrown)

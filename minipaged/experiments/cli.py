@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from tqdm import tqdm
 
 from minipaged.experiments.paper import DEFAULT_BLOCK_SIZE, NUM_KV_SLOTS, STEP_DURATION
@@ -223,7 +225,11 @@ def map_runs(function: Callable[..., T], runs: list[tuple], jobs: int, desc: str
     """[function(*run) for run in runs], spread over `jobs` processes, with a progress bar."""
     if jobs == 1:
         return [function(*run) for run in tqdm(runs, desc=desc, leave=False, unit="run")]
-    with ProcessPoolExecutor(jobs) as pool:
+    # Fresh worker processes (spawn), not forks: a fork of a process that has started CUDA or
+    # torch's thread pools (a notebook on a GPU) can hang in the child. Each worker keeps torch to
+    # one thread: the workers already fill the cores, and torch's threads spin waiting for each other.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
         futures = [pool.submit(function, *run) for run in runs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False, unit="run"):
             pass

@@ -113,7 +113,7 @@ def serve(
     while pending or engine.has_unfinished():
         while pending and pending[0].arrival_time <= step * step_duration:
             request = pending.popleft()
-            params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
+            params = SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=True)
             engine.add(engine.make_request([0] * request.prompt_len, params, request_id=request.request_id))
         _, record = engine.step()
         if on_step is not None:
