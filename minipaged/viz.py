@@ -325,7 +325,7 @@ def draw_block_tables(snap: PoolSnapshot, ax: Axes | None = None, *, names: dict
     ax.set_ylim(0, max(len(rows), 1) + 0.6)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title("block tables: logical block -> physical block", fontsize=9)
+    ax.set_title("block tables\n(logical -> physical block)", fontsize=9)  # two lines: a table may be narrow
     _legend(ax, _legend_handles(snap, names, previous))
     return ax
 
