@@ -130,10 +130,16 @@ class Scheduler:
                 self._preempt_one(index)  # if that was this group, the next one takes its index
                 continue
             appends = self._next_tokens(group, budget)
-            if not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
+            # A group's growth is checked whole first. A single sequence (most groups) just tries:
+            # append_slots raises KVCacheFull and changes nothing, one look at its table instead of two.
+            if len(appends) > 1 and not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
                 self._preempt_one(index)
                 continue
-            scheduled += [self._append(group, seq, n) for seq, n in appends]
+            try:
+                scheduled += [self._append(group, seq, n) for seq, n in appends]
+            except KVCacheFull:
+                self._preempt_one(index)
+                continue
             budget -= sum(n for _, n in appends)
             index += 1
         seats = sum(group.width for group in self.running)
@@ -186,6 +192,10 @@ class Scheduler:
     # -- what a group feeds ----------------------------------------------------------------
     def _next_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
         """``(sequence, tokens to feed)`` for a group in the cache, within ``budget`` tokens."""
+        if len(group.seqs) == 1:  # most groups: the loop below, without its bookkeeping (this runs per step)
+            seq = group.seqs[0]
+            n = min(len(seq.token_ids) - seq.num_cached, budget)
+            return [(seq, n)] if n > 0 else []
         targets = self._targets(group)
         out = []
         for seq, target in zip(group.seqs, targets):
@@ -232,6 +242,8 @@ class Scheduler:
         parents of those children (a finished sample can be one). Freeing first lets a contiguous
         fork reuse a dropped beam's slab. False if a fork found no memory (a contiguous slab;
         paged forks share and never fail); what was done so far stays done."""
+        if not group.forks and not group.dropped:
+            return True
         parents = {parent.seq_id for parent, _ in group.forks}
         for seq in [seq for seq in group.dropped if seq.seq_id not in parents]:
             self.cache.free(seq.seq_id)
