@@ -150,8 +150,6 @@ class PagedKVCache(KVCache):
         return len(hits) * self.block_size
 
     def can_allocate_many(self, requests: list[tuple[int, int | None, list[int] | None]]) -> bool:
-        if len(requests) == 1:
-            return self.can_allocate(*requests[0])
         # Counting every prompt block as new is exact without prefix caching and an upper bound
         # with it (a hit takes at most the one free block it revives).
         needed = sum(self.prompt_blocks(*request) for request in requests)
