@@ -18,9 +18,9 @@ buffer rewritten), with CUDA events around the replay only; latency is the media
 (``cuda_graph_timer``), so it is device time, and the CPU time to issue a call is reported
 apart (``host_us``). A function "as called" from a notebook pays that host time too:
 ``called_us`` times each call with ``triton.testing.do_bench`` (no graph, host work
-included), and ``host_python_us`` is the Python side of our calls alone (checks, grid, output
-allocation) with the Triton launches replaced by no-ops, so ``host_us - host_python_us`` is
-what Triton's launcher costs. Next to it stands the device-to-device copy bandwidth (bytes read +
+included), and ``host_python_us`` is the Python side of our calls alone (checks, launch plan,
+output allocation) with the launches (``ops.launch``) replaced by no-ops, so ``host_us -
+host_python_us`` is what launching costs. Next to it stands the device-to-device copy bandwidth (bytes read +
 written) measured in the same run with ``triton.testing.do_bench``. On a CPU (``--quick``)
 calls are timed by the wall clock, median of 3.
 
@@ -168,22 +168,13 @@ def host_overhead(fn: Callable[[], object], calls: int = 30) -> float:
     return (time.perf_counter() - start) / calls
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 def python_host_time(fn: Callable[[], object], calls: int = 200) -> float:
-    """Seconds per call of our own Python (checks, grid, output allocation), launches stubbed out.
+    """Seconds per call of our own Python (checks, launch plan, output allocation), with the
+    kernel launches (``ops.launch``, its key included) replaced by no-ops.
 
     Index tensors passed on the CPU are value-checked, so on a CPU this includes those checks.
     """
-    with (
-        mock.patch.object(triton_attention, "_attention_kernel", _NoLaunch()),
-        mock.patch.object(triton_attention, "_merge_partitions_kernel", _NoLaunch()),
-    ):
+    with mock.patch.object(triton_attention, "launch", lambda *args, **meta: None):
         return host_overhead(fn, calls)
 
 

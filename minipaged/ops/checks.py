@@ -54,8 +54,9 @@ def check_same(tensor: Tensor, name: str, like: Tensor, like_name: str) -> None:
 def check_index(tensor: object, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """An integer index tensor of exactly ``shape`` (-1 = any size), moved to ``device``."""
     index = check_tensor(tensor, name, len(shape), INDEX_DTYPES)
-    ok = all(want in (-1, got) for want, got in zip(shape, index.shape, strict=True))
-    require(ok, name, "expected shape {}, got {}", shape, tuple(index.shape))
+    for want, got in zip(shape, index.shape):  # a loop, not all(...): this runs on every call
+        if want != -1 and want != got:
+            require(False, name, "expected shape {}, got {}", shape, tuple(index.shape))
     if index.device == device:
         return index if index.is_contiguous() else index.contiguous()
     require(index.device.type == "cpu", name, "on {}, data is on {}", index.device, device)

@@ -23,7 +23,8 @@ small kernel merges them. With one partition the kernel writes the output direct
 merge is skipped.
 
 Host cost: a call does no work that grows with the batch, allocates only its output, and
-launches one kernel (two with split-K). The grid arithmetic is plain Python integers
+launches one kernel (two with split-K) through ``launch.launch``, which skips most of Triton's
+per-call host work. The grid arithmetic is plain Python integers
 (``_cdiv``, ``_next_power_of_2``): ``triton.cdiv`` is a constexpr function that costs
 microseconds per call outside a kernel.
 
@@ -33,6 +34,7 @@ All row offsets are computed in int64, so pools larger than 2**31 elements work.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -40,7 +42,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from minipaged.ops.launch import launch
+
 LOG2_E = 1.4426950408889634
+WHOLE_CONTEXT = 1 << 30  # the partition size that means "no split-K" (a multiple of any tile)
 
 
 @triton.jit
@@ -309,6 +314,80 @@ def _partials_numel(num_seqs: int, num_heads: int, num_partitions: int, head_dim
     return num_seqs * num_heads * num_partitions * (2 + head_dim_pad)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that follows from its shapes: grids, constexprs, split-K."""
+
+    grid: tuple[int, int, int]
+    partition_size: int
+    num_partitions: int
+    meta: dict[str, int | bool]  # the kernel's constexprs and launch options
+    partials_numel: int  # 0 without split-K
+    merge_meta: dict[str, int]
+
+
+@functools.cache
+def _plan(
+    num_seqs: int,
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: int,
+    paged: bool,
+    block_size: int,
+    fp32_dot: bool,
+    element_size: int,
+    device: torch.device,
+    decode: bool,
+    max_context_len: int,
+    max_query_len: int,
+    partition_size: int | None,
+    config: tuple[tuple[str, int], ...] | None,
+) -> _Plan:
+    """The launch plan of a call, cached: a call with the same shapes (every decode step of an
+    engine at one batch size and context bound) reuses it instead of redoing the arithmetic."""
+    group = num_heads // num_kv_heads
+    group_pad = _next_power_of_2(group)
+    head_dim_pad = _next_power_of_2(head_dim)
+    if config is None:
+        row_bytes = head_dim_pad * (4 if fp32_dot else element_size)
+        settings = _launch_config(num_seqs, num_kv_heads, row_bytes, device)
+    else:
+        settings = dict(config)
+    tile = settings["TILE"]
+    if decode:
+        block_m = max(16, group_pad)
+        # _block_numbers reads one table entry per tile when blocks are at least a tile long,
+        # which needs every tile to start at a multiple of the tile (or fit in a partition).
+        assert partition_size is None or partition_size % tile == 0 or tile % partition_size == 0, (
+            f"partition_size {partition_size} must divide or be a multiple of the tile {tile}"
+        )
+        if partition_size is None:
+            partition_size = choose_partition_size(
+                num_seqs, num_kv_heads, max_context_len, device, tile, settings.get("programs_per_sm", 2)
+            )
+        num_partitions = _cdiv(max_context_len, partition_size)
+        axis2 = num_partitions
+    else:
+        block_m = max(16, group_pad, 64 if head_dim <= 128 else 32)
+        num_partitions = 1
+        axis2 = _cdiv(max_query_len, block_m // group_pad)
+    split = num_partitions > 1
+    if not split:  # one partition holds any context: one value, so one launch key for every length
+        partition_size = WHOLE_CONTEXT
+    meta = dict(
+        QUERIES_PER_KV=group, QUERIES_PER_KV_PAD=group_pad, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, TILE=tile,
+        PAGED=paged, DECODE=decode, SPLIT=split, FP32_DOT=fp32_dot,
+        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+    )  # fmt: skip
+    merge_meta = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        PARTITIONS_PAD=max(2, _next_power_of_2(num_partitions)), num_warps=4,
+    )  # fmt: skip
+    partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
+    return _Plan((num_seqs, num_kv_heads, axis2), partition_size, num_partitions, meta, partials, merge_meta)
+
+
 def attention(
     q: Tensor,
     k_cache: Tensor,
@@ -333,34 +412,13 @@ def attention(
     receives the result.
     """
     paged, decode = block_tables is not None, query_start_loc is None
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[-2]
     num_seqs = context_lens.shape[0]
-    group = num_heads // num_kv_heads
-    group_pad = _next_power_of_2(group)
-    head_dim_pad = _next_power_of_2(head_dim)
-    fp32_dot = _fp32_dot(q)
-    if config is None:
-        config = _launch_config(num_seqs, num_kv_heads, head_dim_pad * (4 if fp32_dot else q.element_size()), q.device)
-    tile = config["TILE"]
-    if decode:
-        block_m = max(16, group_pad)
-        # _block_numbers reads one table entry per tile when blocks are at least a tile long,
-        # which needs every tile to start at a multiple of the tile (or fit in a partition).
-        assert partition_size is None or partition_size % tile == 0 or tile % partition_size == 0, (
-            f"partition_size {partition_size} must divide or be a multiple of the tile {tile}"
-        )
-        if partition_size is None:
-            partition_size = choose_partition_size(
-                num_seqs, num_kv_heads, max_context_len, q.device, tile, config.get("programs_per_sm", 2)
-            )
-        num_partitions = _cdiv(max_context_len, partition_size)
-        axis2 = num_partitions
-    else:
-        block_m = max(16, group_pad, 64 if head_dim <= 128 else 32)
-        partition_size, num_partitions = _cdiv(max_context_len, tile) * tile, 1
-        axis2 = _cdiv(max_query_len, block_m // group_pad)
-    split = num_partitions > 1
+    _, num_heads, head_dim = q.shape
+    plan = _plan(
+        num_seqs, num_heads, head_dim, k_cache.shape[-2], paged, k_cache.shape[1] if paged else 1,
+        _fp32_dot(q), q.element_size(), q.device, decode, max_context_len, max_query_len,
+        partition_size, None if config is None else tuple(config.items()),
+    )  # fmt: skip
 
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
@@ -369,53 +427,34 @@ def attention(
     # partials (SPLIT). Those get a tensor already at hand (``context_lens``, ``out``), so nothing
     # is allocated for them.
     unread = context_lens
-    if split:
-        partials = _workspace(q.device, _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad))
-    else:
-        partials = out
+    partials = _workspace(q.device, plan.partials_numel) if plan.partials_numel else out
+    k_strides, v_strides = k_cache.stride(), v_cache.stride()
     if paged:
-        block_size = k_cache.shape[1]
-        k_strides = k_cache.stride()[:3]
-        v_strides = v_cache.stride()[:3]
+        k_strides, v_strides = k_strides[:3], v_strides[:3]
         tables, table_stride = block_tables, block_tables.stride(0)
     else:  # the arena as a pool of one-token blocks; the block stride is never used
-        block_size = 1
-        k_strides = (0, *k_cache.stride()[:2])
-        v_strides = (0, *v_cache.stride()[:2])
+        k_strides, v_strides = (0, *k_strides[:2]), (0, *v_strides[:2])
         tables, table_stride = unread, 0
     q_strides = q.stride()
-    _attention_kernel[(num_seqs, num_kv_heads, axis2)](
-        q, k_cache, v_cache, out,
-        tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
-        partials,
-        scale * LOG2_E, partition_size, num_partitions, num_heads,
-        q_strides[0], q_strides[1],
-        *k_strides,
-        *v_strides,
-        table_stride,
-        QUERIES_PER_KV=group,
-        QUERIES_PER_KV_PAD=group_pad,
-        BLOCK_M=block_m,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size,
-        TILE=tile,
-        PAGED=paged,
-        DECODE=decode,
-        SPLIT=split,
-        FP32_DOT=fp32_dot,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+    launch(
+        _attention_kernel, plan.grid,
+        (
+            q, k_cache, v_cache, out,
+            tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
+            partials,
+            scale * LOG2_E, plan.partition_size, plan.num_partitions, num_heads,
+            q_strides[0], q_strides[1],
+            *k_strides,
+            *v_strides,
+            table_stride,
+        ),
+        **plan.meta,
     )  # fmt: skip
-    if split:
+    if plan.partials_numel:
         out_strides = out.stride()
-        _merge_partitions_kernel[(num_seqs, num_heads)](
-            out, partials,
-            context_lens, partition_size, num_partitions, num_heads,
-            out_strides[0], out_strides[1],
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            PARTITIONS_PAD=max(2, _next_power_of_2(num_partitions)),
-            num_warps=4,
+        launch(
+            _merge_partitions_kernel, (num_seqs, num_heads),
+            (out, partials, context_lens, plan.partition_size, plan.num_partitions, num_heads, *out_strides[:2]),
+            **plan.merge_meta,
         )  # fmt: skip
     return out

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from minipaged.ops.launch import launch
+
 
 @triton.jit
 def _write_to_cache_kernel(
@@ -56,12 +58,15 @@ def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    _write_to_cache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+    launch(
+        _write_to_cache_kernel, (num_tokens,),
+        (
+            key, value, k_cache, v_cache, slot_mapping,
+            key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_heads),
@@ -97,4 +102,4 @@ def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: T
         block_numel = k_cache[0].numel()
         chunk = min(4096, triton.next_power_of_2(block_numel))
         grid = (mapping.shape[0], triton.cdiv(block_numel, chunk))
-        _copy_blocks_kernel[grid](k_cache, v_cache, mapping, block_numel, CHUNK=chunk)
+        launch(_copy_blocks_kernel, grid, (k_cache, v_cache, mapping, block_numel), CHUNK=chunk)

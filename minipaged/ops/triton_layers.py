@@ -25,7 +25,7 @@ Each kernel rounds where PyTorch rounds, so the model still computes what transf
   with element ``i + D/2`` (transformers' ``rotate_half``); the rotation is computed in float32
   and rounded once. It is compiled without fused multiply-add (``enable_fp_fusion=False``), so a
   GPU computes the reference's float32 values bit for bit.
-* ``silu_and_mul``: one program per ``BLOCK`` elements of ``[T, I]``. ``silu(gate)`` in float32
+* ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``. ``silu(gate)`` in float32
   rounded to the dtype (as ``F.silu`` does), then the product with ``up`` rounded again (as
   ``*`` does).
 
@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from minipaged.ops.launch import launch
 
 
 @triton.jit
@@ -77,8 +79,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     hidden_pad = triton.next_power_of_2(hidden)
     out = torch.empty_like(x)
     total = out if residual is None else torch.empty_like(x)  # x + residual, when there is one
-    _rms_norm_kernel[(x.shape[0],)](
-        x, x if residual is None else residual.contiguous(), weight, out, total, eps,
+    launch(
+        _rms_norm_kernel, (x.shape[0],),
+        (x, x if residual is None else residual.contiguous(), weight, out, total, eps),
         HIDDEN=hidden,
         HIDDEN_PAD=hidden_pad,
         RESIDUAL=residual is not None,
@@ -134,10 +137,9 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
     Their head dimension must be contiguous (the other strides are free)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    _rotary_kernel[(num_tokens,)](
-        q, k, cos.contiguous(), sin.contiguous(), positions,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
+    launch(
+        _rotary_kernel, (num_tokens,),
+        (q, k, cos.contiguous(), sin.contiguous(), positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1)),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEADS_PAD=triton.next_power_of_2(num_heads),
@@ -150,9 +152,10 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.program_id(0).to(tl.int64) * width + cols
+    mask = cols < width
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)  # F.silu rounds to the dtype
@@ -163,6 +166,9 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """Triton version of ``reference.silu_and_mul`` (arguments already checked, see ``checks``)."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
+    num_tokens, width = gate.shape
     block = 1024
-    _silu_and_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block)
+    # The kernel gets the row width, not the element count: the width is the model's, so every
+    # step reuses one launch key (see ``launch``), however many tokens it has.
+    launch(_silu_and_mul_kernel, (num_tokens, -(-width // block)), (gate, up, out, width), BLOCK=block)
     return out
