@@ -97,9 +97,12 @@ def run_minipaged(hf_model, system: str, work: Workload, kv_slots: int | None, m
     prompts = random_prompts(work, hf_model.config.vocab_size)
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in work.output_lens]
     # Warm-up: the first prompts, as long as in the run, so that every kernel the run needs (a
-    # full chunk of prefill included) is compiled before the clock starts.
+    # full chunk of prefill included) is compiled before the clock starts; then one prompt alone,
+    # because a step of few sequences picks other tiles (``ops.triton_attention._launch_config``),
+    # which the memory-bound runs, with their small batches, would otherwise compile on the clock.
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:64], warm, use_tqdm=False)
+    llm.generate(prompts[:1], warm, use_tqdm=False)
     torch.cuda.synchronize()
     llm.generate(prompts, params, use_tqdm=False)
     stats = llm.stats
