@@ -20,9 +20,9 @@ apart (``host_us``). A function "as called" from a notebook pays that host time 
 ``called_us`` times each call with ``triton.testing.do_bench`` (no graph, host work
 included), and ``host_python_us`` is the Python side of our calls alone (checks, launch plan,
 output allocation) with the launches (``ops.launch``) replaced by no-ops, so ``host_us -
-host_python_us`` is what launching costs. Next to it stands the device-to-device copy bandwidth (bytes read +
-written) measured in the same run with ``triton.testing.do_bench``. On a CPU (``--quick``)
-calls are timed by the wall clock, median of 3.
+host_python_us`` is what launching costs. Next to it stands the device-to-device copy
+bandwidth (bytes read + written) measured in the same run with ``triton.testing.do_bench``. On
+a CPU (``--quick``) calls are timed by the wall clock, median of 3.
 
 Prefill (``kernel_prefill.csv``, ``kernel_prefill.png``): ``paged_prefill_attention`` against
 SDPA (flash backend, causal; lower-right causal over a cached prefix) on the same tokens, for
