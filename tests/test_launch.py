@@ -7,28 +7,14 @@ cache key must tell apart (a misaligned view is a different compiled kernel).
 
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
+import triton
+import triton.language as tl
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import minipaged.ops as ops  # noqa: E402
-from minipaged.ops import launch, reference, triton_attention, triton_layers  # noqa: E402
-
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-needs_triton = pytest.mark.skipif(
-    not HAS_CUDA and type(triton_layers._silu_and_mul_kernel).__name__ != "InterpretedFunction",
-    reason="Triton needs a GPU or TRITON_INTERPRET=1 set before Triton is first imported",
-)
+import minipaged.ops as ops
+from minipaged.ops import launch, reference, triton_attention, triton_layers
+from tests.test_ops import DEVICE, HAS_CUDA, gpu, needs_triton  # also sets TRITON_INTERPRET on a CPU
 
 
 def test_the_key_tells_apart_what_triton_specialises_on():

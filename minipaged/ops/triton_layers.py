@@ -25,9 +25,9 @@ Each kernel rounds where PyTorch rounds, so the model still computes what transf
   with element ``i + D/2`` (transformers' ``rotate_half``); the rotation is computed in float32
   and rounded once. It is compiled without fused multiply-add (``enable_fp_fusion=False``), so a
   GPU computes the reference's float32 values bit for bit.
-* ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``. ``silu(gate)`` in float32
-  rounded to the dtype (as ``F.silu`` does), then the product with ``up`` rounded again (as
-  ``*`` does).
+* ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``.
+  ``silu(gate)`` in float32 rounded to the dtype (as ``F.silu`` does), then the product with
+  ``up`` rounded again (as ``*`` does).
 
 What may differ from PyTorch are float32 steps: the norm's sum runs in another order, and a GPU's
 ``rsqrt``, ``exp`` and division are fast approximations. A few float32 ulps, enough to tip a
