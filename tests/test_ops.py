@@ -186,6 +186,42 @@ def test_paged_prefill_matches_reference(heads, kv_heads, head_dim, block_size, 
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_over_many_tiles_matches_reference(dtype):
+    """Contexts of many tiles and prompts of many query blocks, so every program folds in wholly
+    visible tiles (no mask) before the ones on its diagonal (masked); lengths are not multiples
+    of any tile."""
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, tables, _ = random_paged(3, 301, 2, 128, 16, dtype, gen)
+    lens = torch.tensor([301, 170, 97], dtype=torch.int32)
+    num_new = torch.tensor([150, 170, 3])
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), num_new.cumsum(0)]).to(torch.int32)
+    q = torch.randn(int(num_new.sum()), 8, 128, generator=gen).to(dtype).to(DEVICE)
+    out = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens.to(DEVICE), query_start_loc.to(DEVICE))
+    ref = reference.paged_prefill_attention(
+        q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double(), tables.cpu(), lens, query_start_loc
+    )
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@gpu
+def test_long_prompts_take_the_large_prefill_tiles_and_match_reference():
+    """Prompts of 2K+ new tokens launch with 128-row, 128-key tiles (``_prefill_config``)."""
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, tables, _ = random_paged(2, 2600, 8, 128, 16, torch.bfloat16, gen)
+    lens = torch.tensor([2600, 2100], dtype=torch.int32)
+    num_new = torch.tensor([2500, 2100])
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), num_new.cumsum(0)]).to(torch.int32)
+    assert triton_attention._prefill_config(128, False, DEVICE, 2500)["BLOCK_M"] == 128
+    q = torch.randn(int(num_new.sum()), 32, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    out = ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens.to(DEVICE), query_start_loc.to(DEVICE))
+    ref = reference.paged_prefill_attention(
+        q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), tables.cpu(), lens, query_start_loc
+    )
+    assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@needs_triton
 def test_prefill_of_one_token_equals_decode():
     gen = torch.Generator().manual_seed(4)
     k_cache, v_cache, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen)

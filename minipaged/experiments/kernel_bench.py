@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -342,6 +343,11 @@ class PrefillShape:
     new: int  # new tokens per sequence (the prompt, or the part of it not cached)
     prefix: int  # tokens already in the cache before them (prefix caching, chunked prefill)
     block_size: int = 16
+    lengths: str = "uniform"  # "variable": the others draw their new tokens uniformly in [1, new]
+
+    def __post_init__(self) -> None:
+        if self.lengths == "variable" and self.prefix:
+            raise ValueError("variable-length prefill is benched without a prefix (SDPA pads on the right)")
 
 
 @dataclass
@@ -351,6 +357,7 @@ class PrefillRow:
     new: int
     prefix: int
     block_size: int
+    lengths: str
     tflop: float  # causal attention FLOPs actually needed
     latency_us: float
     tflops: float
@@ -361,17 +368,18 @@ class PrefillRow:
 
 
 def prefill_grid() -> list[PrefillShape]:
-    return [PrefillShape(s, n, p) for p in (0, 2048) for s in (1, 4, 16) for n in (512, 2048, 8192)]
+    shapes = [PrefillShape(s, n, p) for p in (0, 2048) for s in (1, 4, 16) for n in (512, 2048, 8192)]
+    return shapes + [PrefillShape(s, n, 0, lengths="variable") for s in (4, 16) for n in (2048, 8192)]
 
 
 def quick_prefill_grid() -> list[PrefillShape]:
-    return [PrefillShape(1, 24, 0, 16), PrefillShape(2, 16, 8, 8)]
+    return [PrefillShape(1, 24, 0, 16), PrefillShape(2, 16, 8, 8), PrefillShape(3, 20, 0, 8, "variable")]
 
 
-def causal_flops(seqs: int, new: int, prefix: int) -> float:
+def causal_flops(news: list[int], prefix: int) -> float:
     """Query j (0-based) of a sequence sees prefix + j + 1 keys; 4 FLOPs per head-dim per pair
-    (q.k and p.v, a multiply and an add each)."""
-    pairs = seqs * (new * prefix + new * (new + 1) // 2)
+    (q.k and p.v, a multiply and an add each). ``news``: each sequence's new tokens."""
+    pairs = sum(new * prefix + new * (new + 1) // 2 for new in news)
     return 4.0 * NUM_HEADS * HEAD_DIM * pairs
 
 
@@ -392,16 +400,36 @@ def sdpa_prefill_fn(q: Tensor, keys: Tensor, values: Tensor, new: int, prefix: i
     return run
 
 
-def bench_prefill_shape(
-    shape: PrefillShape, device: torch.device, dtype: torch.dtype, timer, generator: torch.Generator
-) -> list[PrefillRow]:
+@dataclass
+class PrefillProblem:
+    """The same tokens held two ways: ``q, keys, values`` as SDPA takes them (``[seqs, heads,
+    tokens, dim]``, right-padded when lengths vary) and a paged pool with each sequence's blocks
+    at random places (new tokens included: their K/V are written before attention runs)."""
+
+    q: Tensor
+    keys: Tensor
+    values: Tensor
+    news: list[int]  # each sequence's new tokens
+    valid: Tensor  # [seqs, new] bool: the padded positions that hold a real token
+    paged: Callable[..., Tensor]  # triton_attention.attention on the pool (takes ``config``): [tokens, heads, dim]
+    called: Callable[[], Tensor]  # the same through the public, checked paged_prefill_attention
+
+    def packed(self, padded: Tensor) -> Tensor:
+        """SDPA's ``[seqs, heads, new, dim]`` output as the kernel's packed ``[tokens, heads, dim]``."""
+        return padded.transpose(1, 2)[self.valid]
+
+
+def prefill_problem(
+    shape: PrefillShape, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> PrefillProblem:
     seqs, new, prefix, bs = shape.seqs, shape.new, shape.prefix, shape.block_size
+    news = [new] * seqs
+    if shape.lengths == "variable":  # the first at the longest, the others uniform in [1, new]
+        news[1:] = torch.randint(1, new + 1, (seqs - 1,), generator=generator).tolist()
     length = prefix + new
     keys = torch.randn(seqs, NUM_KV_HEADS, length, HEAD_DIM, device=device, dtype=dtype)
     values = torch.randn_like(keys)
     q = torch.randn(seqs, NUM_HEADS, new, HEAD_DIM, device=device, dtype=dtype)
-    # The paged pool holds the same tokens (new ones included: their K/V are written before
-    # attention runs), each sequence's blocks at random places.
     width = triton_attention._cdiv(length, bs)
     tables = torch.randperm(seqs * width, generator=generator).to(torch.int32).view(seqs, width).to(device)
     k_cache = torch.empty(seqs * width, bs, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
@@ -409,22 +437,39 @@ def bench_prefill_shape(
     slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)[:, :length]
     k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = keys.transpose(1, 2)
     v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = values.transpose(1, 2)
-    lens = torch.full((seqs,), length, dtype=torch.int32, device=device)
-    query_start_loc = (torch.arange(seqs + 1, dtype=torch.int32) * new).to(device)
-    packed_q = q.transpose(1, 2).reshape(seqs * new, NUM_HEADS, HEAD_DIM)
+    lens = torch.tensor(news, dtype=torch.int32, device=device) + prefix
+    query_start_loc = torch.tensor([0, *itertools.accumulate(news)], dtype=torch.int32, device=device)
+    valid = torch.arange(new, device=device)[None, :] < torch.tensor(news, device=device)[:, None]
+    packed_q = q.transpose(1, 2)[valid]
 
-    def paged() -> Tensor:
+    def paged(config: dict[str, int] | None = None) -> Tensor:
+        return triton_attention.attention(
+            packed_q, k_cache, v_cache, block_tables=tables, context_lens=lens, query_start_loc=query_start_loc,
+            max_context_len=length, max_query_len=new, scale=HEAD_DIM**-0.5, config=config,
+        )  # fmt: skip
+
+    def called() -> Tensor:
         return paged_prefill_attention(packed_q, k_cache, v_cache, tables, lens, query_start_loc,
                                        max_context_len=length, max_query_len=new)  # fmt: skip
 
-    fns = {"paged": paged, "sdpa": sdpa_prefill_fn(q, keys, values, new, prefix)}
-    flop = causal_flops(seqs, new, prefix)
+    return PrefillProblem(q, keys, values, news, valid, paged, called)
+
+
+def bench_prefill_shape(
+    shape: PrefillShape, device: torch.device, dtype: torch.dtype, timer, generator: torch.Generator
+) -> list[PrefillRow]:
+    """Paged prefill and SDPA on one shape. FLOPs count only the causal pairs of real tokens, so
+    when lengths vary SDPA's padding shows as lower throughput."""
+    seqs, new, prefix, bs = shape.seqs, shape.new, shape.prefix, shape.block_size
+    problem = prefill_problem(shape, device, dtype, generator)
+    fns = {"paged": problem.called, "sdpa": sdpa_prefill_fn(problem.q, problem.keys, problem.values, new, prefix)}
+    flop = causal_flops(problem.news, prefix)
     expected = None
     rows = []
     for method in ("sdpa", "paged"):
         try:
             out = fns[method]()
-            out = out.transpose(1, 2) if method == "sdpa" else out.view(seqs, new, NUM_HEADS, HEAD_DIM)
+            out = problem.packed(out) if method == "sdpa" else out
             if expected is None:
                 expected = out.float()
             rel_err = ((out.float() - expected).norm() / expected.norm()).item()
@@ -435,31 +480,33 @@ def bench_prefill_shape(
         except Exception as error:  # a failing method gets a row that says why
             seconds = rel_err = called_us = python_us = float("nan")
             note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        rows.append(PrefillRow(method, seqs, new, prefix, bs, flop / 1e12, seconds * 1e6, flop / seconds / 1e12,
-                               called_us, python_us, rel_err, note))  # fmt: skip
+        rows.append(PrefillRow(method, seqs, new, prefix, bs, shape.lengths, flop / 1e12, seconds * 1e6,
+                               flop / seconds / 1e12, called_us, python_us, rel_err, note))  # fmt: skip
     return rows
 
 
 def plot_prefill(rows: list[PrefillRow], out_dir: Path, device_name: str) -> None:
-    """Throughput of paged prefill and SDPA against the new tokens, one panel per prefix."""
+    """Throughput of paged prefill and SDPA against the new tokens, one panel per prefix and one
+    for variable lengths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefixes = sorted({r.prefix for r in rows})
-    fig, axes = plt.subplots(1, len(prefixes), figsize=(5.5 * len(prefixes), 4), squeeze=False)
-    for ax, prefix in zip(axes[0], prefixes, strict=True):
+    panels = sorted({(r.lengths, r.prefix) for r in rows}, reverse=True)  # uniform first
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
         for method, style in (("paged", "-"), ("sdpa", "--")):
             for seqs in sorted({r.seqs for r in rows}):
-                pts = sorted((r.new, r.tflops) for r in rows if (r.method, r.seqs, r.prefix) == (method, seqs, prefix)
-                             and not math.isnan(r.tflops))  # fmt: skip
+                pts = sorted((r.new, r.tflops) for r in rows if (r.method, r.seqs, (r.lengths, r.prefix)) ==
+                             (method, seqs, panel) and not math.isnan(r.tflops))  # fmt: skip
                 if pts:
                     ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{method}, {seqs} seq")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("new tokens per sequence")
+        ax.set_xlabel("new tokens per sequence (the longest, when lengths vary)")
         ax.set_ylabel("causal attention TFLOP/s")
-        ax.set_title(f"cached prefix: {prefix} tokens")
+        lengths, prefix = panel
+        ax.set_title(f"cached prefix: {prefix} tokens" if lengths == "uniform" else "lengths vary, no prefix")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Prefill attention, 32 q / 8 kv heads, d=128, bf16, block 16 — {device_name}")
@@ -477,7 +524,7 @@ def run_prefill(shapes: list[PrefillShape], device: torch.device, dtype: torch.d
         pair = bench_prefill_shape(shape, device, dtype, timer, generator)
         rows += pair
         for row in pair:
-            print(f"prefill {row.method:>5} seqs={row.seqs:<3} new={row.new:<5} prefix={row.prefix:<5}"
+            print(f"prefill {row.method:>5} seqs={row.seqs:<3} new={row.new:<5} prefix={row.prefix:<5} {row.lengths:<8}"
                   f" {row.latency_us:10.1f} us {row.tflops:7.1f} TFLOP/s called={row.called_us:10.1f} us"
                   f" err={row.rel_err:.1e} {row.note}", flush=True)  # fmt: skip
         if device.type == "cuda":
@@ -652,11 +699,52 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
         writer.writerows(results)
 
 
+PREFILL_TUNE_SHAPES = [PrefillShape(s, n, p) for s, n, p in ((1, 512, 0), (1, 8192, 0), (4, 2048, 0), (16, 512, 2048))]
+
+
+PREFILL_TUNE_CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))  # rows, tile, warps, stages
+
+
+def tune_prefill(device: torch.device, timer, out_dir: Path, shapes: list[PrefillShape] = PREFILL_TUNE_SHAPES,
+                 configs: list[tuple[int, int, int, int]] = PREFILL_TUNE_CONFIGS) -> None:  # fmt: skip
+    """Time prefill launch shapes (query rows, context tile, warps, stages) on a few shapes and
+    write ``kernel_tune_prefill.csv``; this is how ``_prefill_config`` was chosen."""
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for shape in shapes:
+        problem = prefill_problem(shape, device, torch.bfloat16, generator)
+        sdpa = sdpa_prefill_fn(problem.q, problem.keys, problem.values, shape.new, shape.prefix)
+        expected = problem.packed(sdpa()).float()
+        flop = causal_flops(problem.news, shape.prefix)
+        for block_m, tile, warps, stages in configs:
+            config = {"BLOCK_M": block_m, "TILE": tile, "num_warps": warps, "num_stages": stages}
+            try:
+                fn = functools.partial(problem.paged, config=config)
+                rel_err = ((fn().float() - expected).norm() / expected.norm()).item()
+                seconds = timer(fn)
+            except Exception as error:  # e.g. tiles too large for shared memory
+                print(f"  {config} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
+                continue
+            results.append((shape.seqs, shape.new, shape.prefix, block_m, tile, warps, stages, seconds * 1e6,
+                            flop / seconds / 1e12, rel_err))  # fmt: skip
+            print(f"seqs={shape.seqs:<3} new={shape.new:<5} prefix={shape.prefix:<5} {config}: {seconds * 1e6:9.1f} us"
+                  f" {flop / seconds / 1e12:6.1f} TFLOP/s err={rel_err:.1e}", flush=True)  # fmt: skip
+        del problem
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with open(out_dir / "kernel_tune_prefill.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seqs", "new", "prefix", "BLOCK_M", "TILE", "num_warps", "num_stages", "latency_us", "tflops",
+                         "rel_err"])  # fmt: skip
+        writer.writerows(results)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any device")
-    parser.add_argument("--tune", action="store_true", help="sweep the kernel's launch parameters instead")
+    parser.add_argument("--tune", action="store_true", help="sweep the decode kernel's launch parameters instead")
+    parser.add_argument("--tune-prefill", action="store_true", help="sweep the prefill launch parameters instead")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
     parser.add_argument("--no-prefill", action="store_true", help="decode only")
     args = parser.parse_args(argv)
@@ -671,6 +759,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.tune:
         tune(device, timer, args.out)
+        return
+    if args.tune_prefill:
+        tune_prefill(device, timer, args.out)
         return
     generator = torch.Generator().manual_seed(0)
     rows: list[Row] = []
@@ -731,11 +822,12 @@ def print_prefill_summary(rows: list[PrefillRow]) -> None:
     """Paged prefill's throughput as a share of SDPA's on the same tokens (the bar: >= 80%)."""
     by_shape: dict[tuple, dict[str, PrefillRow]] = {}
     for r in rows:
-        by_shape.setdefault((r.seqs, r.new, r.prefix), {})[r.method] = r
-    print(f"{'seqs':>4} {'new':>5} {'prefix':>6} | paged TFLOP/s | sdpa TFLOP/s | paged/sdpa | as called")
-    for (seqs, new, prefix), pair in by_shape.items():
+        by_shape.setdefault((r.seqs, r.new, r.prefix, r.lengths), {})[r.method] = r
+    header = f"{'seqs':>4} {'new':>5} {'prefix':>6} {'lengths':>8}"
+    print(f"{header} | paged TFLOP/s | sdpa TFLOP/s | paged/sdpa | as called")
+    for (seqs, new, prefix, lengths), pair in by_shape.items():
         paged, sdpa = pair["paged"], pair["sdpa"]
-        print(f"{seqs:>4} {new:>5} {prefix:>6} | {paged.tflops:13.1f} | {sdpa.tflops:12.1f} |"
+        print(f"{seqs:>4} {new:>5} {prefix:>6} {lengths:>8} | {paged.tflops:13.1f} | {sdpa.tflops:12.1f} |"
               f" {paged.tflops / sdpa.tflops:10.0%} | {sdpa.called_us / paged.called_us:9.0%}")  # fmt: skip
 
 

@@ -22,6 +22,10 @@ and exp-sum into one float32 workspace (cached per device, not allocated per cal
 small kernel merges them. With one partition the kernel writes the output directly and the
 merge is skipped.
 
+Prefill is compute-bound, as in FlashAttention's forward pass: only the tiles on a program's
+diagonal are masked (``_attend`` with ``MASKED``), and the query blocks of one (sequence, KV
+head) are launched together, longest first, so they share its keys in L2 (notes/kernels.md).
+
 Host cost: a call does no work that grows with the batch, allocates only its output, and
 launches one kernel (two with split-K) through ``launch.launch``, which skips most of Triton's
 per-call host work. The grid arithmetic is plain Python integers
@@ -76,6 +80,66 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptrs, pos_valid, dim_valid, MASK_ROWS: tl.constexpr, PAD_DIMS: tl.constexpr):
+    """A ``[TILE, HEAD_DIM_PAD]`` tile of K or V, masked only where it has to be: a load with no
+    row mask keeps 16-byte vectors and needs no predicate per element."""
+    if PAD_DIMS:
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=pos_valid[:, None] & dim_valid[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=dim_valid[None, :], other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=pos_valid[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _attend(
+    acc, running_max, running_sum, q, query_pos,
+    k_ptr, v_ptr, table, first, last, kv_end, scale_log2,
+    stride_k_block, stride_k_token, stride_v_block, stride_v_token, dims, dim_valid,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PAGED: tl.constexpr, PAD_DIMS: tl.constexpr,
+    MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Fold the context tiles that start in ``[first, last)`` into the online softmax.
+
+    ``table`` is the sequence's block-table row (``PAGED``) or its slab's first row. ``MASKED``
+    tiles may reach past ``kv_end`` or past a query's causal limit ``query_pos``; the others
+    are known to be wholly visible.
+    """
+    for tile_start in range(first, last, TILE):
+        pos = tile_start + tl.arange(0, TILE)
+        pos_valid = pos < kv_end
+        # Where each token of the tile lives: the only place paging enters the kernel.
+        if PAGED:
+            block = _block_numbers(table, tile_start, kv_end, BLOCK_SIZE, TILE)
+            k_rows = block * stride_k_block + (pos % BLOCK_SIZE) * stride_k_token
+            v_rows = block * stride_v_block + (pos % BLOCK_SIZE) * stride_v_token
+        else:
+            k_rows = (table + pos) * stride_k_token
+            v_rows = (table + pos) * stride_v_token
+        k = _load_tile(k_ptr + k_rows[:, None] + dims[None, :], pos_valid, dim_valid, MASKED, PAD_DIMS)
+        v = _load_tile(v_ptr + v_rows[:, None] + dims[None, :], pos_valid, dim_valid, MASKED, PAD_DIMS)
+
+        # Scores in log2 units; keys past the context or after the query are -inf.
+        scores = _dot(q, tl.trans(k), FP32_DOT) * scale_log2
+        if MASKED:
+            visible = pos_valid[None, :] & (pos[None, :] <= query_pos[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+
+        # Online softmax: rescale what was accumulated so far to the new running max.
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        acc = acc * correction[:, None] + _dot(probs, v, FP32_DOT)
+        running_max = new_max
+    return acc, running_max, running_sum
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr,
     k_ptr,
@@ -106,11 +170,15 @@ def _attention_kernel(
     SPLIT: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    # Axis 2 is the context partition in decode and the block of new tokens in prefill.
-    partition = tl.program_id(2) if DECODE else 0
-    query_block = 0 if DECODE else tl.program_id(2)
+    if DECODE:  # axes: sequence, KV head, context partition
+        seq, partition, query_block = tl.program_id(0), tl.program_id(2), 0
+    else:
+        # Axes: block of new tokens, KV head, sequence. The blocks of one (sequence, head) are
+        # launched together, so they find its keys and values in L2; and last to first, since
+        # the last ones see the most keys and the short ones should fill the tail of the launch.
+        seq, partition = tl.program_id(2), 0
+        query_block = tl.num_programs(0) - 1 - tl.program_id(0)
 
     length = tl.load(lens_ptr + seq)
     if DECODE:
@@ -146,38 +214,27 @@ def _attention_kernel(
     if PAGED:
         table = tables_ptr + seq.to(tl.int64) * stride_tables_seq
     else:
-        start = tl.load(starts_ptr + seq).to(tl.int64)
-
-    for tile_start in range(kv_start, kv_end, TILE):
-        pos = tile_start + tl.arange(0, TILE)
-        pos_valid = pos < kv_end
-        # Where each token of the tile lives: the only place paging enters the kernel.
-        if PAGED:
-            block = _block_numbers(table, tile_start, kv_end, BLOCK_SIZE, TILE)
-            k_rows = block * stride_k_block + (pos % BLOCK_SIZE) * stride_k_token
-            v_rows = block * stride_v_block + (pos % BLOCK_SIZE) * stride_v_token
-        else:
-            k_rows = (start + pos) * stride_k_token
-            v_rows = (start + pos) * stride_v_token
-        if HEAD_DIM == HEAD_DIM_PAD:  # no padded dims: a row mask keeps 16-byte vector loads
-            tile_mask = pos_valid[:, None]
-        else:
-            tile_mask = pos_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_k_head + dims[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_v_head + dims[None, :], mask=tile_mask, other=0.0)
-
-        # Scores in log2 units; keys past the context or after the query are -inf.
-        scores = _dot(q, tl.trans(k), FP32_DOT) * scale_log2
-        visible = pos_valid[None, :] & (pos[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-
-        # Online softmax: rescale what was accumulated so far to the new running max.
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp2(running_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        acc = acc * correction[:, None] + _dot(probs, v, FP32_DOT)
-        running_max = new_max
+        table = tl.load(starts_ptr + seq).to(tl.int64)  # the contiguous slab's first row
+    k_ptr += kv_head * stride_k_head
+    v_ptr += kv_head * stride_v_head
+    # In prefill, the tiles that end at or before the FIRST query's causal limit (and the
+    # context end) are wholly visible to every row: they need no mask at all (plain loads, no
+    # -inf select), and only the few tiles on the diagonal pay for masking. Decode gains
+    # nothing from the split (notes/kernels.md) and masks its one loop.
+    unmasked_end = kv_start
+    if not DECODE:
+        first_visible_end = tl.minimum(kv_end, length - num_new + query_block * tokens_per_block + 1)
+        unmasked_end = kv_start + (first_visible_end - kv_start) // TILE * TILE
+        acc, running_max, running_sum = _attend(
+            acc, running_max, running_sum, q, query_pos, k_ptr, v_ptr, table, kv_start, unmasked_end, kv_end,
+            scale_log2, stride_k_block, stride_k_token, stride_v_block, stride_v_token, dims, dim_valid,
+            BLOCK_SIZE, TILE, PAGED, HEAD_DIM != HEAD_DIM_PAD, False, FP32_DOT,
+        )  # fmt: skip
+    acc, running_max, running_sum = _attend(
+        acc, running_max, running_sum, q, query_pos, k_ptr, v_ptr, table, unmasked_end, kv_end, kv_end,
+        scale_log2, stride_k_block, stride_k_token, stride_v_block, stride_v_token, dims, dim_valid,
+        BLOCK_SIZE, TILE, PAGED, HEAD_DIM != HEAD_DIM_PAD, True, FP32_DOT,
+    )  # fmt: skip
 
     out = acc / running_sum[:, None]
     if SPLIT:
@@ -277,7 +334,7 @@ def _fp32_dot(q: Tensor) -> bool:
 
 
 def _launch_config(num_seqs: int, num_kv_heads: int, row_bytes: int, device: torch.device) -> dict[str, int]:
-    """Context tile and launch shape, tuned on an H200 (notes/kernels.md).
+    """Decode: context tile and launch shape, tuned on an H200 (notes/kernels.md).
 
     When the batch alone gives fewer (sequence, KV head) programs than the GPU has
     multiprocessors, split-K makes long partitions: big tiles (32 KB of K per step) stream
@@ -288,6 +345,24 @@ def _launch_config(num_seqs: int, num_kv_heads: int, row_bytes: int, device: tor
     if num_seqs * num_kv_heads < _num_multiprocessors(device):
         return {"TILE": max(16, 32768 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 8}
     return {"TILE": max(16, 16384 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
+
+
+def _prefill_config(head_dim_pad: int, fp32_dot: bool, device: torch.device, max_query_len: int) -> dict[str, int]:
+    """Prefill: query rows per program, context tile and launch shape, tuned on an H100
+    (``kernel_bench --tune-prefill``, ``figures/kernel_tune_prefill.csv``, notes/kernels.md).
+
+    Prefill is compute-bound, like FlashAttention's forward pass. Long prompts (2K new tokens
+    and up) take 128 query rows (32 tokens of a 4-head group) against 128-key tiles on 8 warps:
+    1-17% faster than the small shape there. Shorter ones take 64 rows against 64-key tiles on 4
+    warps, which makes twice the programs: 6-29% faster on 128-1024 new tokens without a long
+    prefix (1-5% slower on 512 after a 2K prefix). float32 operands, wide heads and the
+    interpreter take 32-key tiles and 2 stages (half the shared memory).
+    """
+    if fp32_dot or device.type != "cuda" or head_dim_pad > 128:
+        return {"BLOCK_M": 64, "TILE": 32, "num_warps": 4, "num_stages": 2}
+    if max_query_len >= 2048:
+        return {"BLOCK_M": 128, "TILE": 128, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "TILE": 64, "num_warps": 4, "num_stages": 3}
 
 
 # Split-K partials, one float32 buffer per device, reused by every call instead of three
@@ -348,11 +423,12 @@ def _plan(
     group = num_heads // num_kv_heads
     group_pad = _next_power_of_2(group)
     head_dim_pad = _next_power_of_2(head_dim)
-    if config is None:
+    if decode:
         row_bytes = head_dim_pad * (4 if fp32_dot else element_size)
         settings = _launch_config(num_seqs, num_kv_heads, row_bytes, device)
     else:
-        settings = dict(config)
+        settings = _prefill_config(head_dim_pad, fp32_dot, device, max_query_len)
+    settings.update(config or ())  # an override changes only what it names
     tile = settings["TILE"]
     if decode:
         block_m = max(16, group_pad)
@@ -368,7 +444,7 @@ def _plan(
         num_partitions = _cdiv(max_context_len, partition_size)
         axis2 = num_partitions
     else:
-        block_m = max(16, group_pad, 64 if head_dim <= 128 else 32)
+        block_m = max(16, group_pad, settings["BLOCK_M"])
         num_partitions = 1
         axis2 = _cdiv(max_query_len, block_m // group_pad)
     split = num_partitions > 1
@@ -385,7 +461,8 @@ def _plan(
         PARTITIONS_PAD=max(2, _next_power_of_2(num_partitions)), num_warps=4,
     )  # fmt: skip
     partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
-    return _Plan((num_seqs, num_kv_heads, axis2), partition_size, num_partitions, meta, partials, merge_meta)
+    grid = (num_seqs, num_kv_heads, axis2) if decode else (axis2, num_kv_heads, num_seqs)  # see the kernel
+    return _Plan(grid, partition_size, num_partitions, meta, partials, merge_meta)
 
 
 def attention(
