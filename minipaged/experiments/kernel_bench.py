@@ -26,8 +26,9 @@ a CPU (``--quick``) calls are timed by the wall clock, median of 3.
 
 Prefill (``kernel_prefill.csv``, ``kernel_prefill.png``): ``paged_prefill_attention`` against
 SDPA (flash backend, causal; lower-right causal over a cached prefix) on the same tokens, for
-1-16 sequences of 512-8K new tokens with and without a 2K-token cached prefix, in TFLOP/s of
-the causal attention actually computed.
+1-16 sequences of 512-8K new tokens with and without a 2K-token cached prefix, and with lengths
+that vary (SDPA right-padded), in TFLOP/s of the causal attention the real tokens need.
+``--tune`` and ``--tune-prefill`` sweep the launch parameters instead (``kernel_tune*.csv``).
 
     python -m minipaged.experiments.kernel_bench --out DIR           # on a GPU
     python -m minipaged.experiments.kernel_bench --out DIR --quick   # tiny smoke run, any device
