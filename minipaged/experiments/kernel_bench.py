@@ -431,7 +431,7 @@ def prefill_problem(
     keys = torch.randn(seqs, NUM_KV_HEADS, length, HEAD_DIM, device=device, dtype=dtype)
     values = torch.randn_like(keys)
     q = torch.randn(seqs, NUM_HEADS, new, HEAD_DIM, device=device, dtype=dtype)
-    width = triton_attention._cdiv(length, bs)
+    width = triton.cdiv(length, bs)
     tables = torch.randperm(seqs * width, generator=generator).to(torch.int32).view(seqs, width).to(device)
     k_cache = torch.empty(seqs * width, bs, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
     v_cache = torch.empty_like(k_cache)

@@ -52,6 +52,16 @@ import torch
 from torch import Tensor
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on Python integers: grid arithmetic for a launch. (``triton.cdiv`` and
+    ``triton.next_power_of_2`` are constexpr functions that cost microseconds outside a kernel.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 class _Kernel:
     """One ``@triton.jit`` function's compiled variants, found by ``launch``'s key."""
 

@@ -29,8 +29,8 @@ head) are launched together, longest first, so they share its keys in L2 (notes/
 Host cost: a call does no work that grows with the batch, allocates only its output, and
 launches one kernel (two with split-K) through ``launch.launch``, which skips most of Triton's
 per-call host work. The grid arithmetic is plain Python integers
-(``_cdiv``, ``_next_power_of_2``): ``triton.cdiv`` is a constexpr function that costs
-microseconds per call outside a kernel.
+(``launch.cdiv``, ``launch.next_power_of_2``): ``triton.cdiv`` is a constexpr function that
+costs microseconds per call outside a kernel.
 
 The softmax is the online (streaming) softmax of FlashAttention, in float32 with ``exp2``.
 All row offsets are computed in int64, so pools larger than 2**31 elements work.
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from minipaged.ops.launch import launch
+from minipaged.ops.launch import cdiv, launch, next_power_of_2
 
 LOG2_E = 1.4426950408889634
 WHOLE_CONTEXT = 1 << 30  # the partition size that means "no split-K" (a multiple of any tile)
@@ -194,12 +194,13 @@ def _attention_kernel(
     head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV_PAD
     row_valid = (rows % QUERIES_PER_KV_PAD < QUERIES_PER_KV) & (token < num_new)
     query_pos = length - num_new + token  # causal limit: a query sees keys at <= its position
+    first_pos = length - num_new + query_block * tokens_per_block  # position of its first query
 
     # Keys this program visits: its partition, cut at the last query's position.
     kv_start = partition * partition_size
     kv_end = tl.minimum(kv_start + partition_size, length)
     if not DECODE:
-        kv_end = tl.minimum(kv_end, length - num_new + (query_block + 1) * tokens_per_block)
+        kv_end = tl.minimum(kv_end, first_pos + tokens_per_block)
     if kv_start >= kv_end or query_block * tokens_per_block >= num_new:
         return
 
@@ -223,7 +224,7 @@ def _attention_kernel(
     # nothing from the split (notes/kernels.md) and masks its one loop.
     unmasked_end = kv_start
     if not DECODE:
-        first_visible_end = tl.minimum(kv_end, length - num_new + query_block * tokens_per_block + 1)
+        first_visible_end = tl.minimum(kv_end, first_pos + 1)
         unmasked_end = kv_start + (first_visible_end - kv_start) // TILE * TILE
         acc, running_max, running_sum = _attend(
             acc, running_max, running_sum, q, query_pos, k_ptr, v_ptr, table, kv_start, unmasked_end, kv_end,
@@ -289,14 +290,6 @@ def _merge_partitions_kernel(
     )
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
 @functools.cache
 def _num_multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
@@ -318,13 +311,13 @@ def choose_partition_size(
     Returns ``max_context_len`` rounded up to the tile (one partition, no merge) when the batch
     alone fills the GPU.
     """
-    whole = _cdiv(max_context_len, tile) * tile
+    whole = cdiv(max_context_len, tile) * tile
     wanted = programs_per_sm * _num_multiprocessors(device)
-    per_seq = _cdiv(wanted, num_seqs * num_kv_heads)
+    per_seq = cdiv(wanted, num_seqs * num_kv_heads)
     if per_seq <= 1:
         return whole
-    size = max(tile, _next_power_of_2(_cdiv(max_context_len, per_seq)))
-    size = max(size, _next_power_of_2(_cdiv(max_context_len, max_partitions)))
+    size = max(tile, next_power_of_2(cdiv(max_context_len, per_seq)))
+    size = max(size, next_power_of_2(cdiv(max_context_len, max_partitions)))
     return min(size, whole)
 
 
@@ -379,7 +372,7 @@ def _workspace(device: torch.device, numel: int) -> Tensor:
     if buffer is None or buffer.numel() < numel:
         if buffer is not None:
             _outgrown.append(buffer)
-        buffer = torch.empty(_next_power_of_2(numel), device=device, dtype=torch.float32)
+        buffer = torch.empty(next_power_of_2(numel), device=device, dtype=torch.float32)
         _workspaces[device] = buffer
     return buffer
 
@@ -421,8 +414,8 @@ def _plan(
     """The launch plan of a call, cached: a call with the same shapes (every decode step of an
     engine at one batch size and context bound) reuses it instead of redoing the arithmetic."""
     group = num_heads // num_kv_heads
-    group_pad = _next_power_of_2(group)
-    head_dim_pad = _next_power_of_2(head_dim)
+    group_pad = next_power_of_2(group)
+    head_dim_pad = next_power_of_2(head_dim)
     if decode:
         row_bytes = head_dim_pad * (4 if fp32_dot else element_size)
         settings = _launch_config(num_seqs, num_kv_heads, row_bytes, device)
@@ -441,12 +434,12 @@ def _plan(
             partition_size = choose_partition_size(
                 num_seqs, num_kv_heads, max_context_len, device, tile, settings.get("programs_per_sm", 2)
             )
-        num_partitions = _cdiv(max_context_len, partition_size)
+        num_partitions = cdiv(max_context_len, partition_size)
         axis2 = num_partitions
     else:
         block_m = max(16, group_pad, settings["BLOCK_M"])
         num_partitions = 1
-        axis2 = _cdiv(max_query_len, block_m // group_pad)
+        axis2 = cdiv(max_query_len, block_m // group_pad)
     split = num_partitions > 1
     if not split:  # one partition holds any context: one value, so one launch key for every length
         partition_size = WHOLE_CONTEXT
@@ -458,7 +451,7 @@ def _plan(
     )  # fmt: skip
     merge_meta = dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        PARTITIONS_PAD=max(2, _next_power_of_2(num_partitions)), num_warps=4,
+        PARTITIONS_PAD=max(2, next_power_of_2(num_partitions)), num_warps=4,
     )  # fmt: skip
     partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
     grid = (num_seqs, num_kv_heads, axis2) if decode else (axis2, num_kv_heads, num_seqs)  # see the kernel

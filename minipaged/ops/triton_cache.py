@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from minipaged.ops.launch import launch
+from minipaged.ops.launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -69,8 +69,8 @@ def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
         ),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_heads),
-        DIM_PAD=triton.next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_heads),
+        DIM_PAD=next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
     )  # fmt: skip
 
@@ -100,6 +100,6 @@ def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: T
     mapping = block_mapping.contiguous()
     for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
         block_numel = k_cache[0].numel()
-        chunk = min(4096, triton.next_power_of_2(block_numel))
-        grid = (mapping.shape[0], triton.cdiv(block_numel, chunk))
+        chunk = min(4096, next_power_of_2(block_numel))
+        grid = (mapping.shape[0], cdiv(block_numel, chunk))
         launch(_copy_blocks_kernel, grid, (k_cache, v_cache, mapping, block_numel), CHUNK=chunk)

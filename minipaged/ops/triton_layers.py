@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from minipaged.ops.launch import launch
+from minipaged.ops.launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     """Triton version of ``reference.rms_norm`` (arguments already checked, see ``checks``)."""
     x, weight = x.contiguous(), weight.contiguous()
     hidden = x.shape[1]
-    hidden_pad = triton.next_power_of_2(hidden)
+    hidden_pad = next_power_of_2(hidden)
     out = torch.empty_like(x)
     total = out if residual is None else torch.empty_like(x)  # x + residual, when there is one
     launch(
@@ -142,10 +142,10 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
         (q, k, cos.contiguous(), sin.contiguous(), positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1)),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
-        HEADS_PAD=triton.next_power_of_2(num_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEADS_PAD=next_power_of_2(num_heads),
+        KV_HEADS_PAD=next_power_of_2(num_kv_heads),
         HALF=head_dim // 2,
-        HALF_PAD=triton.next_power_of_2(head_dim // 2),
+        HALF_PAD=next_power_of_2(head_dim // 2),
         enable_fp_fusion=False,  # no fused multiply-add: the reference's float32 values exactly
     )  # fmt: skip
     return q, k
@@ -170,5 +170,5 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     block = 1024
     # The kernel gets the row width, not the element count: the width is the model's, so every
     # step reuses one launch key (see ``launch``), however many tokens it has.
-    launch(_silu_and_mul_kernel, (num_tokens, -(-width // block)), (gate, up, out, width), BLOCK=block)
+    launch(_silu_and_mul_kernel, (num_tokens, cdiv(width, block)), (gate, up, out, width), BLOCK=block)
     return out
