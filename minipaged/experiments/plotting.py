@@ -168,11 +168,11 @@ def time_breakdown_figure(runs: dict) -> plt.Figure:
     step in each phase (schedule, prepare, forward, sample, postprocess), stacked."""
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.6))
     labels = list(runs)
-    phases = list(dict.fromkeys(phase for stats in runs.values() for phase in stats.time_breakdown()))
+    breakdowns = {label: stats.time_breakdown() for label, stats in runs.items()}
+    phases = list(dict.fromkeys(phase for breakdown in breakdowns.values() for phase in breakdown))
     left = [0.0] * len(labels)
     for phase in phases:
-        widths = [1e3 * runs[label].time_breakdown().get(phase, 0.0) / max(len(runs[label].steps), 1)
-                  for label in labels]
+        widths = [1e3 * breakdowns[label].get(phase, 0.0) / max(len(runs[label].steps), 1) for label in labels]
         ax.barh(labels, widths, left=left, label=phase)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
