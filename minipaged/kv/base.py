@@ -22,7 +22,7 @@ import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent, MemoryBreakdown, breakdown
-from minipaged.ops.metadata import AttentionMetadata
+from minipaged.ops.metadata import AttentionMetadata, to_device
 
 
 class KVCacheFull(RuntimeError):
@@ -192,20 +192,21 @@ class KVCache(ABC):
         if len(num_new_tokens) != len(seq_ids):
             raise ValueError(f"num_new_tokens has {len(num_new_tokens)} entries for {len(seq_ids)} sequences")
         context_lens, slots, query_start_loc = [], [], [0]
+        num_tokens, slots_of = self._num_tokens, self._slots  # (local names: this loop runs per sequence per step)
         for seq_id, new in zip(seq_ids, num_new_tokens):
-            self._check_live(seq_id)
-            n = self._num_tokens[seq_id]
-            if not isinstance(new, int) or not 1 <= new <= n:
+            n = num_tokens.get(seq_id)
+            if n is None or not isinstance(new, int) or not 1 <= new <= n:
+                self._check_live(seq_id)
                 raise ValueError(f"sequence {seq_id} holds {n} tokens: its new tokens must number 1..{n}, got {new}")
             context_lens.append(n)
-            slots += self._slots(seq_id, range(n - new, n))
+            slots += slots_of(seq_id, range(n - new, n))
             query_start_loc.append(query_start_loc[-1] + new)
         decode = query_start_loc[-1] == len(seq_ids)
         block_tables, starts = self._kernel_addressing(seq_ids)
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
-            query_start_loc=None if decode else torch.tensor(query_start_loc, dtype=torch.int32, device=self.device),
+            slot_mapping=to_device(slots, torch.int64, self.device),
+            context_lens=to_device(context_lens, torch.int32, self.device),
+            query_start_loc=None if decode else to_device(query_start_loc, torch.int32, self.device),
             block_tables=block_tables,
             starts=starts,
             max_context_len=max(context_lens),

@@ -36,6 +36,7 @@ import torch
 from minipaged.kv.accounting import Extent
 from minipaged.kv.base import KVCache, KVCacheFull, check_positive
 from minipaged.kv.buddy import BuddyAllocator, next_power_of_two
+from minipaged.ops.metadata import to_device
 
 RESERVATIONS = ("max", "pow2", "oracle")
 
@@ -207,7 +208,7 @@ class ContiguousKVCache(KVCache):
 
     def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """int32 start slot of each slab."""
-        return None, torch.tensor([self.slabs[s][0] for s in seq_ids], dtype=torch.int32, device=self.device)
+        return None, to_device([self.slabs[s][0] for s in seq_ids], torch.int32, self.device)
 
     def _extents(self) -> list[Extent]:
         extents = []

@@ -37,6 +37,7 @@ from minipaged.kv.accounting import Extent
 from minipaged.kv.base import KVCache, KVCacheFull, check_positive
 from minipaged.kv.block_allocator import BlockAllocator, BlockPool, blocks_needed
 from minipaged.kv.prefix_cache import PrefixCache
+from minipaged.ops.metadata import to_device
 
 
 class PagedKVCache(KVCache):
@@ -178,19 +179,21 @@ class PagedKVCache(KVCache):
         Returns the copy-on-write ``(src, dst)`` block copies made. Raises KVCacheFull (nothing
         changed) when there are not enough free blocks: the scheduler then preempts a sequence.
         """
-        needed = self._blocks_to_grow(seq_id, num_tokens, token_ids) + self._needs_copy_on_write(seq_id)
-        if needed > self.num_free_blocks:
-            raise KVCacheFull(f"sequence {seq_id} needs {needed} new blocks, only {self.num_free_blocks} are free")
+        grow, copy = self._blocks_to_grow(seq_id, num_tokens, token_ids), self._needs_copy_on_write(seq_id)
+        if grow + copy > self.num_free_blocks:
+            raise KVCacheFull(f"sequence {seq_id} needs {grow + copy} new blocks, only {self.num_free_blocks} are free")
         table = self.block_tables[seq_id]
         copies = []
-        if self._needs_copy_on_write(seq_id):
+        if copy:
             shared = table[-1]
             table[-1] = self.allocator.allocate()
             self.allocator.release(shared)
             copies.append((shared, table[-1]))
-            ops.copy_blocks(self.k_caches, self.v_caches, torch.tensor(copies, dtype=torch.int64, device=self.device))
+            pair = to_device([shared, table[-1]], torch.int64, self.device).view(1, 2)
+            ops.copy_blocks(self.k_caches, self.v_caches, pair)
         self._num_tokens[seq_id] += num_tokens
-        table.extend(self.allocator.allocate() for _ in range(needed - len(copies)))
+        if grow:
+            table.extend(self.allocator.allocate() for _ in range(grow))
         self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
@@ -278,8 +281,11 @@ class PagedKVCache(KVCache):
         """int32 ``[len(seq_ids), max_blocks]`` block tables, padded with block 0 (never read)."""
         tables = [self.block_tables[s] for s in seq_ids]
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device), None
+        flat = []
+        for table in tables:
+            flat += table
+            flat += [0] * (width - len(table))
+        return to_device(flat, torch.int32, self.device).view(len(tables), width), None
 
     def _extents(self) -> list[Extent]:
         if self.allocator.num_shared:
