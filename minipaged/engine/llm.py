@@ -25,7 +25,15 @@ from minipaged.engine.beam_search import beam_step, is_done, penalized
 from minipaged.engine.model_runner import ModelRunner
 from minipaged.engine.sampler import child_seed, sample, sampling_batch
 from minipaged.engine.scheduler import PREEMPTION_MODES, ScheduledSequence, Scheduler, SchedulerOutput
-from minipaged.engine.sequence import BeamSearchParams, SamplingParams, Sequence, SequenceGroup
+from minipaged.engine.sequence import (
+    PENDING,
+    BeamSearchParams,
+    PendingTokens,
+    SamplingParams,
+    Sequence,
+    SequenceGroup,
+    Status,
+)
 from minipaged.kv import ContiguousKVCache, KVCache, MemoryBreakdown, PagedKVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.kv.contiguous import RESERVATIONS
@@ -62,7 +70,10 @@ class StepRecord:
     num_table_blocks: int  # blocks in the block tables, a shared block once per table holding it
     num_used_blocks: int  # distinct blocks in use: fewer than num_table_blocks when blocks are shared
     breakdown: MemoryBreakdown | None
-    seconds: dict[str, float]  # wall time per phase: schedule, prepare, forward, sample, postprocess
+    # Host wall time per phase: schedule, prepare and forward (queueing the model), sample
+    # (queueing the sampler), wait (for sampled tokens to reach the host: the GPU's time that the
+    # host could not hide) and apply (tokens into requests).
+    seconds: dict[str, float]
 
 
 @dataclass
@@ -113,6 +124,35 @@ class RunStats:
                 f"({phases})")
 
 
+@dataclass
+class Draws:
+    """One step's samples: the sequences that sampled (in logits-row order), which of them each
+    token is for, the tokens on the device, and those tokens on their way to the host."""
+
+    sampling: list[ScheduledSequence]
+    rows: list[tuple[int, ScheduledSequence, int]]  # per token: (logits row, item, sample index)
+    tokens: Tensor | None = None  # int64 [len(rows)], on the logits' device
+    beams: list[tuple[SequenceGroup, Tensor]] = field(default_factory=list)  # (group, its beams' log-probs)
+    _host: tuple[Tensor, Tensor] | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def send(self, tokens: Tensor, logprobs: Tensor) -> None:
+        """Start copying the tokens and their log-probabilities to the host, without waiting."""
+        self.tokens = tokens
+        self._host = tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True)  # pinned on a GPU
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def receive(self) -> tuple[list[int], list[float]]:
+        """The tokens and log-probabilities, once they have arrived (the host waits here)."""
+        if self._host is None:
+            return [], []
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[0].tolist(), self._host[1].tolist()
+
+
 class LLMEngine:
     """The loop: a scheduler over a cache, a runner, and the requests in flight.
 
@@ -135,6 +175,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...] = (),
         tokenizer=None,
         measure_memory: bool = False,
+        async_scheduling: bool = False,
     ) -> None:
         self.cache, self.runner, self.tokenizer = cache, runner, tokenizer
         self.scheduler = Scheduler(cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -142,6 +183,8 @@ class LLMEngine:
         self.max_model_len = max_model_len or cache.max_seq_len
         self.eos_token_ids = tuple(eos_token_ids)
         self.measure_memory = measure_memory
+        self.async_scheduling = async_scheduling  # see ``step``
+        self.in_flight: Draws | None = None  # a step's tokens not yet applied (async scheduling)
         self.observers: list[Callable[[LLMEngine], None]] = []  # called after every step (e.g. minipaged.viz.Recorder)
         self.last_plan: SchedulerOutput | None = None
         self._next_id = 0
@@ -188,55 +231,113 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> tuple[list[SequenceGroup], StepRecord]:
-        """One iteration: schedule, execute, apply the sampled tokens; returns the finished requests."""
+        """One iteration: schedule, execute, sample, apply the tokens; returns the finished requests.
+
+        With ``async_scheduling`` the host does not wait for a step's tokens before it schedules
+        the next one (vLLM's asynchronous scheduling). It assumes every sequence goes on: each
+        sequence that sampled gets a ``PENDING`` last token (unless that token is its last by
+        length), the next step is scheduled and queued on the GPU, which takes the pending
+        tokens from the device, and only then does the host wait for the previous tokens and
+        apply them. So the host's work for step k+1 runs while the GPU computes step k. A
+        sequence that turns out to have stopped (end of sequence, a stop token or string) has
+        run one step too many: that token is dropped, its blocks freed, and no output changes.
+        Steps that fork or rank beams, and a cache that hashes token ids (prefix caching), need
+        the tokens on the host first: those are applied before the next step is scheduled.
+        """
         t0 = time.perf_counter()
+        previous, self.in_flight = self.in_flight, None
+        pending = None if previous is None else self._mark_pending(previous)
         plan = self.last_plan = self.scheduler.schedule()
-        t1 = time.perf_counter()
         record = self._record(plan)
-        logits = self.runner.execute(plan)
+        t1 = time.perf_counter()
+        # (A runner for async scheduling takes the pending tokens; the tests' own runners need not.)
+        logits = self.runner.execute(plan) if pending is None else self.runner.execute(plan, pending)
         t2 = time.perf_counter()
-        finished = []
+        seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t2 - t1})}
+        draws = None
         if logits is not None:
-            sampling = [item for item in plan.scheduled if item.samples]
-            finished = self._sample(logits, sampling)
-        t3 = time.perf_counter()
-        record.seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t2 - t1}),
-                          "sample": t3 - t2}
+            draws = self._draw(logits, [item for item in plan.scheduled if item.samples])
+        seconds["sample"] = time.perf_counter() - t2
+        seconds |= {"wait": 0.0, "apply": 0.0}
+        finished = [] if previous is None else self._apply(previous, seconds)
+        if draws is not None:
+            if self._may_overlap(draws):
+                self.in_flight = draws  # applied at the next step, once it is queued
+            else:
+                finished += self._apply(draws, seconds)
+        if not self.scheduler.has_unfinished():
+            self.in_flight = None  # every request is done: the tokens on their way are unwanted
+        record.seconds = seconds
         for observer in self.observers:
             observer(self)
         return finished, record
 
     # -- after the forward pass: tokens into groups ----------------------------------------
-    def _sample(self, logits: Tensor, sampling: list[ScheduledSequence]) -> list[SequenceGroup]:
-        """Tokens for every sequence that samples (``logits`` row ``i`` is ``sampling[i]``'s)."""
-        draws: list[tuple[int, ScheduledSequence, int]] = []  # (row, item, sample index)
+    def _draw(self, logits: Tensor, sampling: list[ScheduledSequence]) -> Draws:
+        """Queue the sampling of every sequence that samples (``logits`` row ``i`` is
+        ``sampling[i]``'s): a request's first token draws ``n`` samples, a beam search ranks its
+        beams' continuations. The tokens start on their way to the host; ``_apply`` takes them."""
+        rows: list[tuple[int, ScheduledSequence, int]] = []  # (logits row, item, sample index)
         beams: dict[int, tuple[SequenceGroup, list[int]]] = {}  # a beam search's rows, all its beams
         for row, item in enumerate(sampling):
             if item.group.is_beam_search:
                 beams.setdefault(item.group.request_id, (item.group, []))[1].append(row)
             elif len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # a request's first token: n draws
-                draws += [(row, item, index) for index in range(item.group.width)]
+                rows += [(row, item, index) for index in range(item.group.width)]
             else:
-                draws.append((row, item, item.seq.index))
-        if draws:
+                rows.append((row, item, item.seq.index))
+        draws = Draws(sampling, rows)
+        if rows:
             batch = sampling_batch([(item.seq.params, child_seed(item.seq.seed, index), len(item.seq.token_ids))
-                                    for _, item, index in draws], logits.shape[-1], logits.device)
-            tokens, logprobs = sample(logits[[row for row, _, _ in draws]], batch)
-            # Children first: they take the prompt as it is, before its first sample joins it.
-            seqs = [self._fork(item.group, item.seq, index) if index != item.seq.index else item.seq
-                    for _, item, index in draws]
-            for (_, item, _), seq in zip(draws, seqs):
-                if seq is not item.seq:
-                    item.group.seqs.append(seq)
-            for (_, item, _), seq, token, logprob in zip(draws, seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+                                    for _, item, index in rows], logits.shape[-1], logits.device)
+            one_each = all(row == i for i, (row, _, _) in enumerate(rows))  # then no index to copy to the device
+            tokens, logprobs = sample(logits[: len(rows)] if one_each else logits[[row for row, _, _ in rows]], batch)
+            draws.send(tokens, logprobs)
+        draws.beams = [(group, torch.log_softmax(logits[rows].float(), dim=-1)) for group, rows in beams.values()]
+        return draws
+
+    def _may_overlap(self, draws: Draws) -> bool:
+        """Can the next step be scheduled before these tokens reach the host? Only when every
+        sequence just appends its token: no forks (``n > 1``), no beams, no prefix hashing."""
+        return self.async_scheduling and not self.cache.uses_token_ids and not draws.beams and all(
+            item.group.width == 1 for item in draws.sampling)
+
+    def _mark_pending(self, draws: Draws) -> PendingTokens:
+        """Before the tokens of ``draws`` are known: each sequence that goes on gets a ``PENDING``
+        last token, which the next step feeds from the device."""
+        rows = {}
+        for row, (_, item, _) in enumerate(draws.rows):
+            seq = item.seq
+            # A token that ends the sequence by length is never fed back, and a sequence that
+            # stopped already (at the step before) has nothing to feed.
+            if seq.finish_reason is None and len(seq.token_ids) + 1 < seq.max_len:
+                seq.token_ids.append(PENDING)
+                rows[seq.seq_id] = row
+        return PendingTokens(draws.tokens, rows)
+
+    def _apply(self, draws: Draws, seconds: dict[str, float]) -> list[SequenceGroup]:
+        """Wait for the tokens of ``draws`` and apply them to their groups; the finished groups."""
+        start = time.perf_counter()
+        tokens, logprobs = draws.receive()
+        waited = time.perf_counter()
+        # Children first: they take the prompt as it is, before its first sample joins it.
+        seqs = [self._fork(item.group, item.seq, index) if index != item.seq.index else item.seq
+                for _, item, index in draws.rows]
+        for (_, item, _), seq in zip(draws.rows, seqs):
+            if seq is not item.seq:
+                item.group.seqs.append(seq)
+        for (_, item, _), seq, token, logprob in zip(draws.rows, seqs, tokens, logprobs, strict=True):
+            if seq.finish_reason is None:  # else it stopped a step earlier and this token is not wanted
                 self._extend(item.group, seq, token, logprob)
-        for group, rows in beams.values():
-            self._beam_step(group, torch.log_softmax(logits[rows].float(), dim=-1))
+        for group, beam_logprobs in draws.beams:
+            self._beam_step(group, beam_logprobs)
         finished = []
-        for group in {item.group.request_id: item.group for item in sampling}.values():
-            if not group.seqs:
+        for group in {item.group.request_id: item.group for item in draws.sampling}.values():
+            if not group.seqs and group.status is not Status.FINISHED:
                 self.scheduler.finish(group)
                 finished.append(group)
+        seconds["wait"] += waited - start
+        seconds["apply"] += time.perf_counter() - waited
         return finished
 
     def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
@@ -248,8 +349,12 @@ class LLMEngine:
         return child
 
     def _extend(self, group: SequenceGroup, seq: Sequence, token: int, logprob: float) -> None:
-        """Append a sampled token; a sequence that stops leaves the group's live sequences."""
-        seq.token_ids.append(token)
+        """Append a sampled token (in place of its ``PENDING``); a sequence that stops leaves the
+        group's live sequences."""
+        if seq.token_ids[-1] == PENDING:
+            seq.token_ids[-1] = token
+        else:
+            seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
         if self._check_stop(seq, token):
             group.seqs.remove(seq)
@@ -354,7 +459,8 @@ class LLM:
     sequence of ``max_model_len`` tokens (at least 256 blocks). ``num_cpu_blocks`` is the swap
     space for ``preemption_mode="swap"``. The paged cache admits a prompt only while
     ``watermark`` of its blocks stay free for running sequences to grow into (vLLM's 1%).
-    ``enforce_eager`` turns CUDA graphs off.
+    ``enforce_eager`` turns CUDA graphs off. ``async_scheduling`` (default: on a GPU) schedules
+    each step while the GPU still runs the one before (``LLMEngine.step``); outputs are the same.
     """
 
     def __init__(
@@ -376,6 +482,7 @@ class LLM:
         gpu_memory_fraction: float = 0.5,
         watermark: float = 0.01,
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ) -> None:
         from minipaged.model import load_model  # here: the charts import the engine without transformers
 
@@ -416,7 +523,9 @@ class LLM:
         self.engine = LLMEngine(cache, runner, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 preemption_mode=preemption_mode, max_model_len=max_model_len,
-                                eos_token_ids=tuple(config.eos_token_ids), tokenizer=self.tokenizer)
+                                eos_token_ids=tuple(config.eos_token_ids), tokenizer=self.tokenizer,
+                                async_scheduling=device.type == "cuda" if async_scheduling is None
+                                else async_scheduling)
         self.cache = cache
         self.stats = RunStats(kv_capacity=cache.capacity)
 

@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 from minipaged.engine.scheduler import SchedulerOutput
+from minipaged.engine.sequence import PENDING, PendingTokens
 from minipaged.kv import KVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
+from minipaged.ops.metadata import to_device
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -58,45 +60,59 @@ class ModelRunner:
             self._capture(max_num_seqs)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> Tensor | None:
-        """Run one step; returns the logits ``[S, V]`` of the ``S`` sequences that sample (in the
-        plan's order), or None when none does. The engine samples from them.
+    def execute(self, plan: SchedulerOutput, pending: PendingTokens | None = None) -> Tensor | None:
+        """Queue one step on the device; returns the logits ``[S, V]`` of the ``S`` sequences that
+        sample (in the plan's order), or None when none does. The engine samples from them.
+
+        Nothing here waits for the GPU: the step's inputs travel through pinned memory
+        (``ops.metadata.to_device``), so the host can go on while earlier steps still run. A
+        sequence whose last token was sampled by the step before and not yet read back
+        (``PENDING``) takes it from ``pending`` on the device.
 
         ``last_seconds`` then holds the step's host time per phase: ``prepare`` (inputs and
-        metadata) and ``forward`` (the model, waited for).
+        metadata) and ``forward`` (queueing the model's kernels, or replaying its graph).
         """
-        if not plan.scheduled:  # nothing fits yet (the charts' engine waits for arrivals this way)
-            self.last_seconds = {}
+        if not plan.scheduled:  # nothing fits yet, or every sequence waits for its last token
+            self.last_seconds = {"prepare": 0.0, "forward": 0.0}
             return None
         start = time.perf_counter()
         seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
+        fill_at, fill_from = [], []  # input rows whose token is still on the device, and where it is
         for item in plan.scheduled:
             seq, n = item.seq, item.num_new_tokens
             seq_ids.append(seq.seq_id)
             num_new.append(n)
             input_ids += seq.token_ids[seq.num_cached - n:seq.num_cached]
             positions += range(seq.num_cached - n, seq.num_cached)
+            if input_ids[-1] == PENDING:  # only a sequence's last token can be pending
+                fill_at.append(len(input_ids) - 1)
+                fill_from.append(pending.rows[seq.seq_id])
             if item.samples:
                 last_rows.append(len(input_ids) - 1)
         metadata = self.cache.attention_metadata(seq_ids, num_new)
+        ids = to_device(input_ids, torch.int64, self.device)
+        if fill_at:
+            at, rows = to_device(fill_at, torch.int64, self.device), to_device(fill_from, torch.int64, self.device)
+            ids.index_copy_(0, at, pending.tokens.index_select(0, rows))
+        pos = to_device(positions, torch.int64, self.device)
         prepared = time.perf_counter()
         if not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
-            self._forward(input_ids, positions, metadata)
+            self.model(ids, pos, self.cache, metadata)
             logits = None
         elif plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
-            logits = self._replay(input_ids, positions, metadata)[last_rows]  # [S, V]
+            logits = self._rows_of(self._replay(ids, pos, metadata), last_rows)  # [S, V]
         else:
-            hidden = self._forward(input_ids, positions, metadata)[last_rows]  # [S, hidden]
+            hidden = self._rows_of(self.model(ids, pos, self.cache, metadata), last_rows)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, V]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so that the forward pass's time is its own
         self.last_seconds = {"prepare": prepared - start, "forward": time.perf_counter() - prepared}
         return logits
 
-    def _forward(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        return self.model(ids, pos, self.cache, metadata)  # [T, hidden]
+    def _rows_of(self, x: Tensor, rows: list[int]) -> Tensor:
+        """``x[rows]`` for increasing ``rows``; a slice when they are the first ``len(rows)`` (a
+        decode step), which needs no index on the device."""
+        if rows[-1] == len(rows) - 1:
+            return x[: len(rows)]
+        return x[to_device(rows, torch.int64, self.device)]
 
     @torch.inference_mode()
     def _capture(self, max_num_seqs: int) -> None:
@@ -137,13 +153,13 @@ class ModelRunner:
             self.graphs[batch] = (graph, logits)
         torch.cuda.synchronize()
 
-    def _replay(self, input_ids: list[int], positions: list[int], metadata: AttentionMetadata) -> Tensor:
+    def _replay(self, ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
         """Copy a decode step's inputs into the smallest graph that fits it, replay; ``[bucket, V]`` logits."""
-        b = len(input_ids)
+        b = ids.shape[0]
         bucket = min(size for size in self.graphs if size >= b)
         static = self.static
-        self.static_ids[:b].copy_(torch.tensor(input_ids, dtype=torch.int64), non_blocking=True)
-        self.static_positions[:b].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
+        self.static_ids[:b].copy_(ids)
+        self.static_positions[:b].copy_(positions)
         static.slot_mapping[:b].copy_(metadata.slot_mapping)
         static.slot_mapping[b:bucket].fill_(-1)
         static.context_lens[:b].copy_(metadata.context_lens)
@@ -181,6 +197,6 @@ class StandInRunner:
 
     last_seconds: dict[str, float] = {}  # nothing to time
 
-    def execute(self, plan: SchedulerOutput) -> Tensor | None:
+    def execute(self, plan: SchedulerOutput, pending: PendingTokens | None = None) -> Tensor | None:
         num_sampling = sum(item.samples for item in plan.scheduled)
         return torch.zeros(num_sampling, 1) if num_sampling else None

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from minipaged.ops.metadata import to_device
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -38,13 +40,13 @@ def sampling_batch(rows: list[tuple[object, int, int]], vocab_size: int, device:
     every row is greedy."""
     if all(params.temperature == 0 for params, _, _ in rows):
         return None
-    columns = torch.tensor([  # float64 holds every seed (< 2**31) and position exactly
-        [params.temperature for params, _, _ in rows],
-        [params.top_k if params.top_k > 0 else vocab_size for params, _, _ in rows],
-        [params.top_p for params, _, _ in rows],
-        [seed for _, seed, _ in rows],
-        [position for _, _, position in rows],
-    ], dtype=torch.float64).to(device)
+    columns = to_device([  # float64 holds every seed (< 2**31) and position exactly
+        *[params.temperature for params, _, _ in rows],
+        *[params.top_k if params.top_k > 0 else vocab_size for params, _, _ in rows],
+        *[params.top_p for params, _, _ in rows],
+        *[seed for _, seed, _ in rows],
+        *[position for _, _, position in rows],
+    ], torch.float64, device).view(5, len(rows))
     temperatures, top_ks, top_ps, seeds, positions = columns
     return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())
 

@@ -136,11 +136,12 @@ class Scheduler:
                 self._preempt_one(index)
                 continue
             try:
-                scheduled += [self._append(group, seq, n) for seq, n in appends]
+                for seq, n in appends:  # only the first can fail, with nothing changed (see above)
+                    scheduled.append(self._append(group, seq, n))
+                    budget -= n
             except KVCacheFull:
                 self._preempt_one(index)
                 continue
-            budget -= sum(n for _, n in appends)
             index += 1
         seats = sum(group.width for group in self.running)
 

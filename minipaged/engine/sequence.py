@@ -21,6 +21,23 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
+# A token sampled on the GPU that the host has not read back yet. With asynchronous scheduling
+# (``minipaged.engine.llm``) a sequence's last token can be PENDING while the next step is
+# scheduled; the runner takes its value from ``PendingTokens`` on the device, and the engine
+# writes it in when it arrives.
+PENDING = -1
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """The tokens of the step before, still on the device: sequence ``seq_id``'s PENDING token is
+    ``tokens[rows[seq_id]]``."""
+
+    tokens: Tensor  # int64 [S]
+    rows: dict[int, int]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
