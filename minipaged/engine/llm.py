@@ -293,7 +293,8 @@ class LLMEngine:
             one_each = all(row == i for i, (row, _, _) in enumerate(rows))  # then no index to copy to the device
             tokens, logprobs = sample(logits[: len(rows)] if one_each else logits[[row for row, _, _ in rows]], batch)
             draws.send(tokens, logprobs)
-        draws.beams = [(group, torch.log_softmax(logits[rows].float(), dim=-1)) for group, rows in beams.values()]
+        draws.beams = [(group, torch.log_softmax(logits[beam_rows].float(), dim=-1))
+                       for group, beam_rows in beams.values()]
         return draws
 
     def _may_overlap(self, draws: Draws) -> bool:

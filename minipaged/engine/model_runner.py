@@ -18,6 +18,12 @@ slot -1, which ``write_to_cache`` skips, and a context of one token) and replays
 The graph's kernels are sized for ``max_model_len`` tokens of context (their grid cannot change
 after capture); each program stops at its sequence's real length.
 
+**Not waiting.** Nothing in a step reads the GPU back: its inputs travel through pinned memory
+(``ops.metadata.to_device``), the logits stay on the device, and a token the previous step
+sampled but the host has not seen yet (``PENDING``, async scheduling in ``minipaged.engine.llm``)
+is copied into the input ids on the device. So the host can plan the next step while this one
+runs.
+
 ``StandInRunner`` has the same interface and runs no model: it "generates" token 0, so the
 memory charts drive thousands of requests of known lengths through the same scheduler.
 """

@@ -165,7 +165,7 @@ def steps_figure(runs: dict) -> plt.Figure:
 
 def time_breakdown_figure(runs: dict) -> plt.Figure:
     """Where a step's host wall time goes, per run (``{label: llm.stats}``): mean milliseconds per
-    step in each phase (schedule, prepare, forward, sample, postprocess), stacked."""
+    step in each phase (schedule, prepare, forward, sample, wait, apply: ``LLMEngine.step``), stacked."""
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.6))
     labels = list(runs)
     breakdowns = {label: stats.time_breakdown() for label, stats in runs.items()}

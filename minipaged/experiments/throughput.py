@@ -11,10 +11,11 @@ is fixed (EOS ignored), so every system does the same work. Two KV budgets:
   requests run at once: the paper's setting, where paging wins by batching more (Fig. 13).
 
 For each run: output tokens/s, requests/s, mean running batch, mean KV utilisation (share of the
-KV space holding token states), preemptions, where the host time goes (schedule, execute,
-postprocess), and the run's *roofline*: per step, the larger of (weights + the K/V the step reads)
-over the GPU's copy bandwidth and the step's matmul FLOPs over its measured bf16 matmul rate,
-summed over the steps; ``roofline_fraction`` = roofline time / measured time.
+KV space holding token states), preemptions, where the host time goes (schedule, prepare,
+forward, sample, wait, apply: ``LLMEngine.step``), and the run's *roofline*: per step, the
+larger of (weights + the K/V the step reads) over the GPU's copy bandwidth and the step's matmul
+FLOPs over its measured bf16 matmul rate, summed over the steps; ``roofline_fraction`` =
+roofline time / measured time.
 
     python -m minipaged.experiments.throughput --out DIR [--quick]
 
