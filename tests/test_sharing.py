@@ -192,7 +192,7 @@ class NoiseRunner:
 
     last_seconds: dict[str, float] = {}
 
-    def execute(self, plan):
+    def execute(self, plan, pending=None):  # the runners' interface; never pending (no async scheduling)
         rows = [torch.sin(torch.arange(6.0) * (1 + sum(item.seq.token_ids[-3:]) % 7)) * 3
                 for item in plan.scheduled if item.samples]
         return torch.stack(rows) if rows else None

@@ -250,8 +250,7 @@ class LLMEngine:
         plan = self.last_plan = self.scheduler.schedule()
         record = self._record(plan)
         t1 = time.perf_counter()
-        # (A runner for async scheduling takes the pending tokens; the tests' own runners need not.)
-        logits = self.runner.execute(plan) if pending is None else self.runner.execute(plan, pending)
+        logits = self.runner.execute(plan, pending)
         t2 = time.perf_counter()
         seconds = {"schedule": t1 - t0, **(self.runner.last_seconds or {"execute": t2 - t1})}
         draws = None
