@@ -222,6 +222,34 @@ def test_long_prompts_take_the_large_prefill_tiles_and_match_reference():
 
 
 @needs_triton
+@pytest.mark.parametrize(("pad_seqs", "pad_tokens"), [(0, 0), (0, 21), (3, 21), (3, 0)])
+def test_prefill_padded_like_a_cuda_graph_matches_reference(pad_seqs, pad_tokens):
+    """A CUDA graph of a prefill step is captured for more tokens and sequences than a replay
+    brings (``engine.model_runner``): the extra sequences have no new tokens and the extra
+    tokens belong to no sequence. The launch grid has room for all of them
+    (``_find_sequence``), and every real row must still be exactly the unpadded result."""
+    gen = torch.Generator().manual_seed(15)
+    k_cache, v_cache, tables, _ = random_paged(4 + pad_seqs, 70, 2, 64, 16, torch.float32, gen)
+    num_new = torch.tensor([70, 1, 17, 33, *[0] * pad_seqs])
+    lens = torch.tensor([70, 40, 17, 50, *[1] * pad_seqs], dtype=torch.int32)
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), num_new.cumsum(0)]).to(torch.int32)
+    real = int(num_new.sum())
+    q = torch.randn(real + pad_tokens, 4, 64, generator=gen).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.attention(
+        q, k_cache, v_cache, block_tables=tables, context_lens=lens.to(DEVICE),
+        query_start_loc=query_start_loc.to(DEVICE), max_context_len=70, max_query_len=70,
+        scale=0.125, out=out,
+    )  # fmt: skip
+    ref = reference.paged_prefill_attention(
+        q[:real].cpu().double(), k_cache.cpu().double(), v_cache.cpu().double(), tables.cpu()[:4], lens[:4],
+        query_start_loc[:5], scale=0.125,
+    )  # fmt: skip
+    assert rel_error(out[:real], ref) < TOLERANCE[torch.float32]
+    assert out[real:].isnan().all()  # rows of no sequence are left alone
+
+
+@needs_triton
 def test_prefill_of_one_token_equals_decode():
     gen = torch.Generator().manual_seed(4)
     k_cache, v_cache, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen)

@@ -140,6 +140,30 @@ def _attend(
 
 
 @triton.jit
+def _find_sequence(query_start_ptr, num_seqs, program, num_kv_heads, TOKENS: tl.constexpr):
+    """Prefill: the sequence whose programs include ``program`` (a binary search of the starts).
+
+    Sequence ``s`` owns the programs from ``(query_start_loc[s] // TOKENS + s) * num_kv_heads``
+    on: room for its query blocks of ``TOKENS`` new tokens (at most ``n_s // TOKENS + 1`` of them),
+    for every KV head. Those starts follow from the query starts alone, so the grid needs only
+    the step's token and sequence counts, never a sequence's length (vLLM's unified attention
+    finds its sequence the same way).
+    """
+    high = num_seqs - 1
+    low = high * 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        start = (tl.load(query_start_ptr + mid) // TOKENS + mid) * num_kv_heads
+        low = tl.where(start <= program, mid, low)
+        high = tl.where(start <= program, high, mid - 1)
+    return low
+
+
+# Triton compiles a variant per "shape" of each integer argument (equal to 1, a multiple of 16, or
+# neither). The sequence count and the block tables' row stride (their width: the step's longest
+# sequence) change from step to step, so they are left unspecialised: one compiled kernel serves
+# every step, instead of a compilation the first time a width or count is odd.
+@triton.jit(do_not_specialize=["num_seqs", "stride_tables_seq"])
 def _attention_kernel(
     q_ptr,
     k_ptr,
@@ -154,6 +178,7 @@ def _attention_kernel(
     partition_size,
     num_partitions,
     num_heads,
+    num_seqs,
     stride_q_token, stride_q_head,
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head,
@@ -170,25 +195,29 @@ def _attention_kernel(
     SPLIT: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    kv_head = tl.program_id(1)
-    if DECODE:  # axes: sequence, KV head, context partition
-        seq, partition, query_block = tl.program_id(0), tl.program_id(2), 0
-    else:
-        # Axes: block of new tokens, KV head, sequence. The blocks of one (sequence, head) are
-        # launched together, so they find its keys and values in L2; and last to first, since
-        # the last ones see the most keys and the short ones should fill the tail of the launch.
-        seq, partition = tl.program_id(2), 0
-        query_block = tl.num_programs(0) - 1 - tl.program_id(0)
-
-    length = tl.load(lens_ptr + seq)
-    if DECODE:
-        first_query, num_new = seq, 1
-    else:
-        first_query = tl.load(query_start_ptr + seq)
-        num_new = tl.load(query_start_ptr + seq + 1) - first_query
-
     # Rows of the query tile: (token, head within the KV group) pairs.
     tokens_per_block: tl.constexpr = BLOCK_M // QUERIES_PER_KV_PAD
+    num_kv_heads = num_heads // QUERIES_PER_KV
+    if DECODE:  # axes: sequence, KV head, context partition
+        seq, kv_head, partition, query_block = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+        first_query, num_new = seq, 1
+    else:
+        # One axis: sequence, then KV head, then block of new tokens (see _find_sequence). The
+        # blocks of one (sequence, head) run side by side, so they find its keys and values in L2;
+        # and last to first, since the last ones see the most keys and the short ones should fill
+        # the tail of the launch. Programs past a sequence's blocks (or past the step's tokens, in a
+        # CUDA graph padded to more) stop at once.
+        program = tl.program_id(0)
+        seq = _find_sequence(query_start_ptr, num_seqs, program, num_kv_heads, tokens_per_block)
+        partition = 0
+        first_query = tl.load(query_start_ptr + seq)
+        num_new = tl.load(query_start_ptr + seq + 1) - first_query
+        blocks_owned = (first_query + num_new) // tokens_per_block - first_query // tokens_per_block + 1
+        local = program - (first_query // tokens_per_block + seq) * num_kv_heads
+        kv_head = local // blocks_owned
+        query_block = tl.cdiv(num_new, tokens_per_block) - 1 - local % blocks_owned
+
+    length = tl.load(lens_ptr + seq)
     rows = tl.arange(0, BLOCK_M)
     token = query_block * tokens_per_block + rows // QUERIES_PER_KV_PAD
     head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV_PAD
@@ -201,7 +230,7 @@ def _attention_kernel(
     kv_end = tl.minimum(kv_start + partition_size, length)
     if not DECODE:
         kv_end = tl.minimum(kv_end, first_pos + tokens_per_block)
-    if kv_start >= kv_end or query_block * tokens_per_block >= num_new:
+    if kv_start >= kv_end or query_block < 0 or kv_head >= num_kv_heads:
         return
 
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -397,6 +426,7 @@ class _Plan:
 @functools.cache
 def _plan(
     num_seqs: int,
+    num_tokens: int,
     num_heads: int,
     head_dim: int,
     num_kv_heads: int,
@@ -435,11 +465,9 @@ def _plan(
                 num_seqs, num_kv_heads, max_context_len, device, tile, settings.get("programs_per_sm", 2)
             )
         num_partitions = cdiv(max_context_len, partition_size)
-        axis2 = num_partitions
     else:
         block_m = max(16, group_pad, settings["BLOCK_M"])
         num_partitions = 1
-        axis2 = cdiv(max_query_len, block_m // group_pad)
     split = num_partitions > 1
     if not split:  # one partition holds any context: one value, so one launch key for every length
         partition_size = WHOLE_CONTEXT
@@ -454,7 +482,10 @@ def _plan(
         PARTITIONS_PAD=max(2, next_power_of_2(num_partitions)), num_warps=4,
     )  # fmt: skip
     partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
-    grid = (num_seqs, num_kv_heads, axis2) if decode else (axis2, num_kv_heads, num_seqs)  # see the kernel
+    if decode:
+        grid = (num_seqs, num_kv_heads, num_partitions)
+    else:  # room for every sequence's query blocks, for every KV head (see _find_sequence)
+        grid = ((num_tokens // (block_m // group_pad) + num_seqs) * num_kv_heads, 1, 1)
     return _Plan(grid, partition_size, num_partitions, meta, partials, merge_meta)
 
 
@@ -485,7 +516,7 @@ def attention(
     num_seqs = context_lens.shape[0]
     _, num_heads, head_dim = q.shape
     plan = _plan(
-        num_seqs, num_heads, head_dim, k_cache.shape[-2], paged, k_cache.shape[1] if paged else 1,
+        num_seqs, q.shape[0], num_heads, head_dim, k_cache.shape[-2], paged, k_cache.shape[1] if paged else 1,
         _fp32_dot(q), q.element_size(), q.device, decode, max_context_len, max_query_len,
         partition_size, None if config is None else tuple(config.items()),
     )  # fmt: skip
@@ -512,7 +543,7 @@ def attention(
             q, k_cache, v_cache, out,
             tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
             partials,
-            scale * LOG2_E, plan.partition_size, plan.num_partitions, num_heads,
+            scale * LOG2_E, plan.partition_size, plan.num_partitions, num_heads, 1 if decode else num_seqs,
             q_strides[0], q_strides[1],
             *k_strides,
             *v_strides,
