@@ -519,7 +519,8 @@ class LLM:
         else:
             cache = ContiguousKVCache(num_blocks * block_size, reservation, **shape)
         runner = ModelRunner(self.model, cache, max_num_seqs=max_num_seqs,
-                             use_cuda_graphs=device.type == "cuda" and not enforce_eager)
+                             use_cuda_graphs=device.type == "cuda" and not enforce_eager,
+                             max_num_batched_tokens=max_num_batched_tokens)
         self.engine = LLMEngine(cache, runner, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 preemption_mode=preemption_mode, max_model_len=max_model_len,

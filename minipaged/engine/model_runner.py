@@ -10,13 +10,21 @@ The one place where a step becomes GPU work. For a plan it builds, once per step
 then runs the transformer and keeps the logits of each sequence's last token when the step
 yields its next token (the engine samples from them).
 
-**CUDA graphs.** A small model's decode step is hundreds of tiny kernel launches: launched from
-Python one by one, the GPU waits on the host. So on a GPU, decode steps are captured once per
-batch size (bucketed: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to ``max_num_seqs``) into CUDA graphs that
-read their inputs from static buffers; a step copies its inputs into the buffers (padding rows:
-slot -1, which ``write_to_cache`` skips, and a context of one token) and replays the graph.
-The graph's kernels are sized for ``max_model_len`` tokens of context (their grid cannot change
-after capture); each program stops at its sequence's real length.
+**CUDA graphs.** A small model's step is hundreds of tiny kernel launches: launched from Python
+one by one, the GPU waits on the host. So on a GPU, steps are captured into CUDA graphs that
+read their inputs from static buffers; a step copies its inputs into the buffers and replays
+the graph of the smallest size that holds it, padded:
+
+* decode steps, one graph per batch size (1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to
+  ``max_num_seqs``). Padding rows have slot -1 (``write_to_cache`` skips it) and a context of
+  one token; the attention grid is sized for ``max_model_len`` tokens of context, and each
+  program stops at its sequence's real length.
+* steps with new prompt tokens (prefills, chunks, a decode batch with a newcomer's prompt), one
+  graph per token count (16, 32, 64, ..., up to 1024 or ``max_num_batched_tokens``) with room
+  for as many sequences (at most ``max_num_seqs``). Padding sequences bring no new tokens and
+  padding tokens belong to no sequence; the prefill kernel's grid depends only on the two
+  counts (``ops.triton_attention._find_sequence``), so any step up to them fits. Larger steps
+  run eagerly: their matrix products keep the GPU busy longer than the launches keep the host.
 
 **Not waiting.** Nothing in a step reads the GPU back: its inputs travel through pinned memory
 (``ops.metadata.to_device``), the logits stay on the device, and a token the previous step
@@ -31,6 +39,7 @@ memory charts drive thousands of requests of known lengths through the same sche
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,6 +50,8 @@ from minipaged.kv import KVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
 from minipaged.ops.metadata import to_device
+
+MAX_GRAPH_TOKENS = 1024  # the largest step with new prompt tokens that replays a graph
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -53,17 +64,45 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
 
 
+def graph_token_counts(max_num_batched_tokens: int) -> list[int]:
+    """The token counts prefill graphs are captured for: 16, 32, 64, 128, 256, 384, 512, 768, 1024
+    (at most ``max_num_batched_tokens``). Padding costs at most half a step's matrix products."""
+    limit = min(max_num_batched_tokens, MAX_GRAPH_TOKENS)
+    return [t for t in (16, 32, 64, 128, 256, 384, 512, 768) if t < limit] + [limit]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A captured step: replayed for any step of at most ``num_tokens`` new tokens from at most
+    ``num_seqs`` sequences (decode: one token each)."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: Tensor  # [num_seqs, V]: decode, every row's; prefill, the rows of ``ModelRunner.static_rows``
+    num_tokens: int
+    num_seqs: int
+    decode: bool
+
+
 class ModelRunner:
     """Runs a ``minipaged.model.Llama`` over a KV cache, step by step."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, *, max_num_seqs: int, use_cuda_graphs: bool) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: KVCache,
+        *,
+        max_num_seqs: int,
+        use_cuda_graphs: bool,
+        max_num_batched_tokens: int = MAX_GRAPH_TOKENS,
+    ) -> None:
         self.model, self.cache = model, cache
         self.device = cache.device
         self.vocab_size = model.config.vocab_size
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # batch size -> (graph, its logits)
+        self.graphs: dict[int, Graph] = {}  # decode: batch size -> its graph
+        self.prefill_graphs: dict[int, Graph] = {}  # new prompt tokens: token count -> its graph
         self.last_seconds: dict[str, float] = {}
         if use_cuda_graphs:
-            self._capture(max_num_seqs)
+            self._capture(max_num_seqs, graph_token_counts(max_num_batched_tokens))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, pending: PendingTokens | None = None) -> Tensor | None:
@@ -102,11 +141,13 @@ class ModelRunner:
             ids.index_copy_(0, at, pending.tokens.index_select(0, rows))
         pos = to_device(positions, torch.int64, self.device)
         prepared = time.perf_counter()
-        if not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
+        graphs, size = (self.graphs, len(seq_ids)) if plan.is_decode else (self.prefill_graphs, len(input_ids))
+        graph = graphs[min(b for b in graphs if b >= size)] if graphs and size <= max(graphs) else None
+        if graph is not None:
+            logits = self._replay(graph, ids, pos, metadata, last_rows)
+        elif not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
             self.model(ids, pos, self.cache, metadata)
             logits = None
-        elif plan.is_decode and self.graphs and len(seq_ids) <= max(self.graphs):
-            logits = self._rows_of(self._replay(ids, pos, metadata), last_rows)  # [S, V]
         else:
             hidden = self._rows_of(self.model(ids, pos, self.cache, metadata), last_rows)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, V]
@@ -121,33 +162,41 @@ class ModelRunner:
         return x[to_device(rows, torch.int64, self.device)]
 
     @torch.inference_mode()
-    def _capture(self, max_num_seqs: int) -> None:
-        """Capture one decode graph per bucket, largest first, all sharing one memory pool."""
+    def _capture(self, max_num_seqs: int, token_counts: list[int]) -> None:
+        """Capture the prefill graphs, then the decode graphs, largest first, all sharing one
+        memory pool (one replays at a time, and each keeps its logits)."""
         cache, device, n = self.cache, self.device, max_num_seqs
         # A one-token sequence shows which addressing this cache hands the kernels.
         cache.allocate(-1, 1, final_len=1)
         example = cache.attention_metadata([-1], [1])
         cache.free(-1)
         width = blocks_needed(cache.max_seq_len, cache.block_size)  # blocks of the longest sequence
+        tokens = max(n, *token_counts)
+        # The static inputs. While capturing, no sequence has new tokens (every query start is 0):
+        # the kernels are recorded, not their results.
         self.static = AttentionMetadata(
-            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),  # -1: write nothing
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),  # -1: write nothing
             context_lens=torch.ones(n, dtype=torch.int32, device=device),
-            query_start_loc=None,
+            query_start_loc=torch.zeros(n + 1, dtype=torch.int32, device=device),
             block_tables=None if example.block_tables is None else torch.zeros(n, width, dtype=torch.int32,
                                                                                 device=device),
             starts=None if example.starts is None else torch.zeros(n, dtype=torch.int32, device=device),
             max_context_len=cache.max_seq_len,  # the grid must cover any length the graph will see
             max_query_len=1,
         )
-        self.static_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.static_positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.static_ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.static_positions = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.static_rows = torch.zeros(n, dtype=torch.int64, device=device)  # prefill: the rows that sample
         pool = None
-        for batch in reversed(graph_batch_sizes(max_num_seqs)):
-            metadata = _rows(self.static, batch)
+        sizes = [(t, min(t, n), False) for t in reversed(token_counts)]
+        sizes += [(b, b, True) for b in reversed(graph_batch_sizes(n))]
+        for num_tokens, num_seqs, decode in sizes:
+            metadata = _first(self.static, num_tokens, num_seqs, decode)
 
-            def forward(batch: int = batch, metadata: AttentionMetadata = metadata) -> Tensor:
-                hidden = self.model(self.static_ids[:batch], self.static_positions[:batch], cache, metadata)
-                return self.model.compute_logits(hidden)
+            def forward(num_tokens: int = num_tokens, num_seqs: int = num_seqs, decode: bool = decode,
+                        metadata: AttentionMetadata = metadata) -> Tensor:
+                hidden = self.model(self.static_ids[:num_tokens], self.static_positions[:num_tokens], cache, metadata)
+                return self.model.compute_logits(hidden if decode else hidden[self.static_rows[:num_seqs]])
 
             for _ in range(2):  # warm up: Triton compiles, the allocator settles
                 forward()
@@ -156,39 +205,51 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 logits = forward()
             pool = graph.pool()
-            self.graphs[batch] = (graph, logits)
+            captured = Graph(graph, logits, num_tokens, num_seqs, decode)
+            (self.graphs if decode else self.prefill_graphs)[num_seqs if decode else num_tokens] = captured
         torch.cuda.synchronize()
 
-    def _replay(self, ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
-        """Copy a decode step's inputs into the smallest graph that fits it, replay; ``[bucket, V]`` logits."""
-        b = ids.shape[0]
-        bucket = min(size for size in self.graphs if size >= b)
+    def _replay(
+        self, graph: Graph, ids: Tensor, positions: Tensor, metadata: AttentionMetadata, last_rows: list[int]
+    ) -> Tensor | None:
+        """Copy a step's inputs into the static buffers, pad them to the graph's size, replay;
+        the logits of the rows that sample (``[len(last_rows), V]``), or None when none does."""
+        t, s = ids.shape[0], metadata.num_seqs
         static = self.static
-        self.static_ids[:b].copy_(ids)
-        self.static_positions[:b].copy_(positions)
-        static.slot_mapping[:b].copy_(metadata.slot_mapping)
-        static.slot_mapping[b:bucket].fill_(-1)
-        static.context_lens[:b].copy_(metadata.context_lens)
-        static.context_lens[b:bucket].fill_(1)
+        self.static_ids[:t].copy_(ids)
+        self.static_positions[:t].copy_(positions)
+        static.slot_mapping[:t].copy_(metadata.slot_mapping)
+        static.slot_mapping[t : graph.num_tokens].fill_(-1)
+        static.context_lens[:s].copy_(metadata.context_lens)
+        static.context_lens[s : graph.num_seqs].fill_(1)
+        if not graph.decode:  # padding sequences start after the last token: they have none
+            static.query_start_loc[: s + 1].copy_(metadata.query_start_loc)
+            static.query_start_loc[s + 1 : graph.num_seqs + 1].fill_(t)
+            if last_rows:
+                self.static_rows[: len(last_rows)].copy_(to_device(last_rows, torch.int64, self.device))
+            self.static_rows[len(last_rows) : graph.num_seqs].zero_()  # rows of an earlier, larger step
         if static.block_tables is not None:
-            static.block_tables[:b, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+            static.block_tables[:s, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
         if static.starts is not None:
-            static.starts[:b].copy_(metadata.starts)
-        graph, logits = self.graphs[bucket]
-        graph.replay()
-        return logits
+            static.starts[:s].copy_(metadata.starts)
+        graph.graph.replay()
+        if not last_rows:
+            return None
+        return self._rows_of(graph.logits, last_rows) if graph.decode else graph.logits[: len(last_rows)]
 
 
-def _rows(metadata: AttentionMetadata, batch: int) -> AttentionMetadata:
-    """The first ``batch`` sequences of a decode metadata (views of its tensors)."""
+def _first(metadata: AttentionMetadata, num_tokens: int, num_seqs: int, decode: bool) -> AttentionMetadata:
+    """The static metadata of a graph: views of the first ``num_tokens`` tokens and ``num_seqs``
+    sequences. The prefill kernel's tiles are picked for ``num_tokens`` new tokens of one sequence
+    (``ops.triton_attention._prefill_config``), below the long-prompt tiles' 2048."""
     return AttentionMetadata(
-        slot_mapping=metadata.slot_mapping[:batch],
-        context_lens=metadata.context_lens[:batch],
-        query_start_loc=None,
-        block_tables=None if metadata.block_tables is None else metadata.block_tables[:batch],
-        starts=None if metadata.starts is None else metadata.starts[:batch],
+        slot_mapping=metadata.slot_mapping[:num_tokens],
+        context_lens=metadata.context_lens[:num_seqs],
+        query_start_loc=None if decode else metadata.query_start_loc[: num_seqs + 1],
+        block_tables=None if metadata.block_tables is None else metadata.block_tables[:num_seqs],
+        starts=None if metadata.starts is None else metadata.starts[:num_seqs],
         max_context_len=metadata.max_context_len,
-        max_query_len=1,
+        max_query_len=1 if decode else num_tokens,
     )
 
 
