@@ -242,7 +242,7 @@ def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache,
                             dtype=torch.float32)[1]
     expected = [hf_greedy(hf_model, p) for p in PROMPTS]
     engine = llm(hf_model, kv_cache, device="cuda", max_num_seqs=8, **setting)
-    assert engine.engine.runner.graphs  # decode steps replay CUDA graphs
+    assert engine.engine.runner.graphs and engine.engine.runner.prefill_graphs  # every step here replays a graph
     assert generated(engine) == expected
 
 
