@@ -21,8 +21,9 @@ Triton specialises a compiled kernel on, so a hit is the kernel Triton would hav
   the value decides. Keying on the value is stricter than Triton, and cheaper to build than
   working those facts out in Python; the price is an entry per value, so the kernels here take
   no argument that changes with every call (the row width, not the token count; the split-K
-  partition count takes a few values). Booleans count as the integers they equal (no kernel here
-  takes one at run time);
+  partition count takes a few values; the attention kernel's sequence count and block-table
+  width take one per batch shape, and a first sight costs one ``kernel[grid]`` call). Booleans
+  count as the integers they equal (no kernel here takes one at run time);
 * the current CUDA device.
 
 The first launch of a key goes through ``kernel[grid]``, which compiles (or finds) the kernel,
