@@ -287,8 +287,10 @@ class LLMEngine:
                 rows.append((row, item, item.seq.index))
         draws = Draws(sampling, rows)
         if rows:
-            batch = sampling_batch([(item.seq.params, child_seed(item.seq.seed, index), len(item.seq.token_ids))
-                                    for _, item, index in rows], logits.shape[-1], logits.device)
+            batch = None  # all greedy (the common case: no settings to gather and send)
+            if any(item.seq.params.temperature for _, item, _ in rows):
+                batch = sampling_batch([(item.seq.params, child_seed(item.seq.seed, index), len(item.seq.token_ids))
+                                        for _, item, index in rows], logits.shape[-1], logits.device)
             one_each = all(row == i for i, (row, _, _) in enumerate(rows))  # then no index to copy to the device
             tokens, logprobs = sample(logits[: len(rows)] if one_each else logits[[row for row, _, _ in rows]], batch)
             draws.send(tokens, logprobs)

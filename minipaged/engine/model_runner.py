@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -121,25 +122,29 @@ class ModelRunner:
             self.last_seconds = {"prepare": 0.0, "forward": 0.0}
             return None
         start = time.perf_counter()
-        seq_ids, num_new, input_ids, positions, last_rows = [], [], [], [], []
-        fill_at, fill_from = [], []  # input rows whose token is still on the device, and where it is
-        for item in plan.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            seq_ids.append(seq.seq_id)
-            num_new.append(n)
-            input_ids += seq.token_ids[seq.num_cached - n:seq.num_cached]
-            positions += range(seq.num_cached - n, seq.num_cached)
-            if input_ids[-1] == PENDING:  # only a sequence's last token can be pending
-                fill_at.append(len(input_ids) - 1)
-                fill_from.append(pending.rows[seq.seq_id])
-            if item.samples:
-                last_rows.append(len(input_ids) - 1)
+        scheduled = plan.scheduled
+        seqs = [item.seq for item in scheduled]
+        seq_ids = [seq.seq_id for seq in seqs]
+        num_new = [item.num_new_tokens for item in scheduled]
+        # The new tokens of every sequence, packed, and their positions (a list comprehension per
+        # column, not a loop appending to five lists: this runs for every sequence of every step).
+        if plan.is_decode:  # one token each, at the end of what the cache holds
+            positions = [seq.num_cached - 1 for seq in seqs]
+            input_ids = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+        else:
+            input_ids = [t for seq, n in zip(seqs, num_new) for t in seq.token_ids[seq.num_cached - n:seq.num_cached]]
+            positions = [p for seq, n in zip(seqs, num_new) for p in range(seq.num_cached - n, seq.num_cached)]
+        ends = list(accumulate(num_new, initial=-1))[1:]  # each sequence's last input row
+        last_rows = [row for row, item in zip(ends, scheduled) if item.samples]
+        # Input rows whose token is still on the device (only a sequence's last token can be
+        # pending), and the rows of the previous step's tokens that hold them.
+        fills = [(row, pending.rows[seq.seq_id]) for row, seq in zip(ends, seqs) if input_ids[row] == PENDING]
         metadata = self.cache.attention_metadata(seq_ids, num_new)
-        ids = to_device(input_ids, torch.int64, self.device)
-        if fill_at:
-            at, rows = to_device(fill_at, torch.int64, self.device), to_device(fill_from, torch.int64, self.device)
+        ids, pos = to_device(input_ids + positions, torch.int64, self.device).view(2, -1)  # one copy for both
+        if fills:
+            at, rows = zip(*fills)
+            at, rows = to_device([*at, *rows], torch.int64, self.device).view(2, -1)
             ids.index_copy_(0, at, pending.tokens.index_select(0, rows))
-        pos = to_device(positions, torch.int64, self.device)
         prepared = time.perf_counter()
         graphs, size = (self.graphs, len(seq_ids)) if plan.is_decode else (self.prefill_graphs, len(input_ids))
         graph = graphs[min(b for b in graphs if b >= size)] if graphs and size <= max(graphs) else None

@@ -17,6 +17,7 @@ input checks and the memory breakdown once; the subclasses implement allocation 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from itertools import accumulate
 
 import torch
 
@@ -144,8 +145,10 @@ class KVCache(ABC):
         (The contiguous cache's blocks are its slabs' slots.)"""
 
     @abstractmethod
-    def _slots(self, seq_id: int, positions: range) -> list[int]:
-        """Slots of the given positions of a live sequence (the one place the two designs differ)."""
+    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
+        """Slots of positions ``[start, end)`` of each live sequence of ``spans`` (``(seq_id,
+        start, end)``), one after the other (the one place the two designs differ). One call per
+        step, not one per sequence: a step of 256 sequences asks for 256 spans."""
 
     @abstractmethod
     def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -179,7 +182,7 @@ class KVCache(ABC):
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"positions [{start}, {end}) must lie within [0, {n}] for sequence {seq_id}")
-        return torch.tensor(self._slots(seq_id, range(start, end)), dtype=torch.int64, device=self.device)
+        return torch.tensor(self._slots([(seq_id, start, end)]), dtype=torch.int64, device=self.device)
 
     def attention_metadata(self, seq_ids: list[int], num_new_tokens: list[int]) -> AttentionMetadata:
         """What the kernels need for one step in which sequence ``seq_ids[i]`` brings its last
@@ -191,16 +194,13 @@ class KVCache(ABC):
             raise ValueError("seq_ids must name at least one sequence")
         if len(num_new_tokens) != len(seq_ids):
             raise ValueError(f"num_new_tokens has {len(num_new_tokens)} entries for {len(seq_ids)} sequences")
-        context_lens, slots, query_start_loc = [], [], [0]
-        num_tokens, slots_of = self._num_tokens, self._slots  # (local names: this loop runs per sequence per step)
-        for seq_id, new in zip(seq_ids, num_new_tokens):
-            n = num_tokens.get(seq_id)
-            if n is None or not isinstance(new, int) or not 1 <= new <= n:
+        context_lens = [self._num_tokens.get(seq_id) for seq_id in seq_ids]
+        for seq_id, n, new in zip(seq_ids, context_lens, num_new_tokens):
+            if n is None or type(new) is not int or not 1 <= new <= n:
                 self._check_live(seq_id)
                 raise ValueError(f"sequence {seq_id} holds {n} tokens: its new tokens must number 1..{n}, got {new}")
-            context_lens.append(n)
-            slots += slots_of(seq_id, range(n - new, n))
-            query_start_loc.append(query_start_loc[-1] + new)
+        query_start_loc = list(accumulate(num_new_tokens, initial=0))
+        slots = self._slots([(seq_id, n - new, n) for seq_id, n, new in zip(seq_ids, context_lens, num_new_tokens)])
         decode = query_start_loc[-1] == len(seq_ids)
         block_tables, starts = self._kernel_addressing(seq_ids)
         return AttentionMetadata(
@@ -255,11 +255,16 @@ class KVCache(ABC):
             raise ValueError("token_ids must be integers")
 
     def _check_growth(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
-        """Validate an append of ``num_tokens``; return the new length."""
-        self._check_live(seq_id)
-        check_positive("num_tokens", num_tokens)
-        self._check_token_ids(token_ids, num_tokens)
-        new_len = self._num_tokens[seq_id] + num_tokens
+        """Validate an append of ``num_tokens``; return the new length. (Every running sequence
+        appends every step: the checks that pass cost a lookup and a comparison each.)"""
+        num_cached = self._num_tokens.get(seq_id)
+        if num_cached is None:
+            self._check_live(seq_id)
+        if type(num_tokens) is not int or num_tokens < 1:
+            check_positive("num_tokens", num_tokens)
+        if token_ids is not None:
+            self._check_token_ids(token_ids, num_tokens)
+        new_len = num_cached + num_tokens
         limit = self._final_len[seq_id] or self.max_seq_len
         if new_len > limit:
             what = "final_len" if self._final_len[seq_id] else "max_seq_len"

@@ -202,9 +202,9 @@ class ContiguousKVCache(KVCache):
         return reserved, reserved  # nothing is shared
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, seq_id: int, positions: range) -> list[int]:
-        start = self.slabs[seq_id][0]
-        return [start + p for p in positions]
+    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
+        slabs = self.slabs
+        return [slabs[seq_id][0] + p for seq_id, start, end in spans for p in range(start, end)]
 
     def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """int32 start slot of each slab."""

@@ -182,7 +182,7 @@ class PagedKVCache(KVCache):
         grow, copy = self._blocks_to_grow(seq_id, num_tokens, token_ids), self._needs_copy_on_write(seq_id)
         if grow + copy > self.num_free_blocks:
             raise KVCacheFull(f"sequence {seq_id} needs {grow + copy} new blocks, only {self.num_free_blocks} are free")
-        table = self.block_tables[seq_id]
+        table = self.pool.tables[seq_id]
         copies = []
         if copy:
             shared = table[-1]
@@ -194,18 +194,19 @@ class PagedKVCache(KVCache):
         self._num_tokens[seq_id] += num_tokens
         if grow:
             table.extend(self.allocator.allocate() for _ in range(grow))
-        self.prefix_cache.extend(seq_id, token_ids, table)
+        if self.prefix_cache.enabled:
+            self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
     def _blocks_to_grow(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
         """New blocks past the end of the table (a copy-on-write replaces the last one, it does not add one)."""
         new_len = self._check_growth(seq_id, num_tokens, token_ids)
-        return blocks_needed(new_len, self.block_size) - len(self.block_tables[seq_id])
+        return blocks_needed(new_len, self._block_size) - len(self.pool.tables[seq_id])
 
     def _needs_copy_on_write(self, seq_id: int) -> bool:
         """Is the last block shared and partly filled, so that the next append must copy it?"""
-        table, n = self.block_tables[seq_id], self._num_tokens[seq_id]
-        return n % self.block_size != 0 and self.allocator.ref_counts[table[-1]] > 1
+        return self._num_tokens[seq_id] % self._block_size != 0 and \
+            self.allocator.ref_counts[self.pool.tables[seq_id][-1]] > 1
 
     def free(self, seq_id: int) -> None:
         if seq_id in self._swapped:
@@ -273,9 +274,9 @@ class PagedKVCache(KVCache):
         return sum(len(table) for table in self.block_tables.values()), self.num_blocks - self.num_free_blocks
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, seq_id: int, positions: range) -> list[int]:
-        table, bs = self.block_tables[seq_id], self.block_size
-        return [table[p // bs] * bs + p % bs for p in positions]
+    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
+        tables, bs = self.pool.tables, self._block_size
+        return [tables[seq_id][p // bs] * bs + p % bs for seq_id, start, end in spans for p in range(start, end)]
 
     def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """int32 ``[len(seq_ids), max_blocks]`` block tables, padded with block 0 (never read)."""
