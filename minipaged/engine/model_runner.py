@@ -27,10 +27,10 @@ the graph of the smallest size that holds it, padded:
   run eagerly: their matrix products keep the GPU busy longer than the launches keep the host.
 
 **Not waiting.** Nothing in a step reads the GPU back: its inputs travel through pinned memory
-(``ops.metadata.to_device``), the logits stay on the device, and a token the previous step
-sampled but the host has not seen yet (``PENDING``, async scheduling in ``minipaged.engine.llm``)
-is copied into the input ids on the device. So the host can plan the next step while this one
-runs.
+(``ops.metadata.to_device_many``: one copy for the runner's lists, one for the cache's
+metadata), the logits stay on the device, and a token the previous step sampled but the host
+has not seen yet (``PENDING``, async scheduling in ``minipaged.engine.llm``) is copied into the
+input ids on the device. So the host can plan the next step while this one runs.
 
 ``StandInRunner`` has the same interface and runs no model: it "generates" token 0, so the
 memory charts drive thousands of requests of known lengths through the same scheduler.
@@ -50,7 +50,7 @@ from minipaged.engine.sequence import PENDING, PendingTokens
 from minipaged.kv import KVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
-from minipaged.ops.metadata import to_device
+from minipaged.ops.metadata import to_device, to_device_many
 
 MAX_GRAPH_TOKENS = 1024  # the largest step with new prompt tokens that replays a graph
 
@@ -111,7 +111,7 @@ class ModelRunner:
         sample (in the plan's order), or None when none does. The engine samples from them.
 
         Nothing here waits for the GPU: the step's inputs travel through pinned memory
-        (``ops.metadata.to_device``), so the host can go on while earlier steps still run. A
+        (``ops.metadata.to_device_many``), so the host can go on while earlier steps still run. A
         sequence whose last token was sampled by the step before and not yet read back
         (``PENDING``) takes it from ``pending`` on the device.
 
@@ -138,12 +138,12 @@ class ModelRunner:
         last_rows = [row for row, item in zip(ends, scheduled) if item.samples]
         # Input rows whose token is still on the device (only a sequence's last token can be
         # pending), and the rows of the previous step's tokens that hold them.
-        fills = [(row, pending.rows[seq.seq_id]) for row, seq in zip(ends, seqs) if input_ids[row] == PENDING]
+        fill_at = [row for row in ends if input_ids[row] == PENDING]
+        fill_from = [pending.rows[seq_ids[i]] for i, row in enumerate(ends) if input_ids[row] == PENDING]
         metadata = self.cache.attention_metadata(seq_ids, num_new)
-        ids, pos = to_device(input_ids + positions, torch.int64, self.device).view(2, -1)  # one copy for both
-        if fills:
-            at, rows = zip(*fills)
-            at, rows = to_device([*at, *rows], torch.int64, self.device).view(2, -1)
+        ids, pos, at, rows = to_device_many([(input_ids, torch.int64), (positions, torch.int64),
+                                             (fill_at, torch.int64), (fill_from, torch.int64)], self.device)
+        if fill_at:
             ids.index_copy_(0, at, pending.tokens.index_select(0, rows))
         prepared = time.perf_counter()
         graphs, size = (self.graphs, len(seq_ids)) if plan.is_decode else (self.prefill_graphs, len(input_ids))

@@ -23,7 +23,7 @@ import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent, MemoryBreakdown, breakdown
-from minipaged.ops.metadata import AttentionMetadata, to_device
+from minipaged.ops.metadata import AttentionMetadata, to_device_many
 
 
 class KVCacheFull(RuntimeError):
@@ -151,8 +151,10 @@ class KVCache(ABC):
         step, not one per sequence: a step of 256 sequences asks for 256 spans."""
 
     @abstractmethod
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(block_tables, starts)`` of live sequences for the kernels: the other design's is None."""
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
+        """How the kernels find live sequences' tokens, as a flat list and a row width: the block
+        tables padded to ``width`` blocks, row after row (paged), or each slab's first slot and
+        ``None`` (contiguous). ``attention_metadata`` sends it to the device."""
 
     @abstractmethod
     def _extents(self) -> list[Extent]:
@@ -202,13 +204,16 @@ class KVCache(ABC):
         query_start_loc = list(accumulate(num_new_tokens, initial=0))
         slots = self._slots([(seq_id, n - new, n) for seq_id, n, new in zip(seq_ids, context_lens, num_new_tokens)])
         decode = query_start_loc[-1] == len(seq_ids)
-        block_tables, starts = self._kernel_addressing(seq_ids)
+        addressing, width = self._kernel_addressing(seq_ids)
+        slot_mapping, lens, starts_or_tables, query_starts = to_device_many(
+            [(slots, torch.int64), (context_lens, torch.int32), (addressing, torch.int32),
+             ([] if decode else query_start_loc, torch.int32)], self.device)  # fmt: skip
         return AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64, self.device),
-            context_lens=to_device(context_lens, torch.int32, self.device),
-            query_start_loc=None if decode else to_device(query_start_loc, torch.int32, self.device),
-            block_tables=block_tables,
-            starts=starts,
+            slot_mapping=slot_mapping,
+            context_lens=lens,
+            query_start_loc=None if decode else query_starts,
+            block_tables=None if width is None else starts_or_tables.view(len(seq_ids), width),
+            starts=starts_or_tables if width is None else None,
             max_context_len=max(context_lens),
             max_query_len=max(num_new_tokens),
         )

@@ -36,7 +36,6 @@ import torch
 from minipaged.kv.accounting import Extent
 from minipaged.kv.base import KVCache, KVCacheFull, check_positive
 from minipaged.kv.buddy import BuddyAllocator, next_power_of_two
-from minipaged.ops.metadata import to_device
 
 RESERVATIONS = ("max", "pow2", "oracle")
 
@@ -206,9 +205,9 @@ class ContiguousKVCache(KVCache):
         slabs = self.slabs
         return [slabs[seq_id][0] + p for seq_id, start, end in spans for p in range(start, end)]
 
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """int32 start slot of each slab."""
-        return None, to_device([self.slabs[s][0] for s in seq_ids], torch.int32, self.device)
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
+        """The start slot of each slab."""
+        return [self.slabs[s][0] for s in seq_ids], None
 
     def _extents(self) -> list[Extent]:
         extents = []

@@ -278,15 +278,15 @@ class PagedKVCache(KVCache):
         tables, bs = self.pool.tables, self._block_size
         return [tables[seq_id][p // bs] * bs + p % bs for seq_id, start, end in spans for p in range(start, end)]
 
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """int32 ``[len(seq_ids), max_blocks]`` block tables, padded with block 0 (never read)."""
-        tables = [self.block_tables[s] for s in seq_ids]
-        width = max(len(t) for t in tables)
+    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
+        """The block tables ``[len(seq_ids), max_blocks]``, row after row, padded with block 0 (never read)."""
+        tables = [self.pool.tables[s] for s in seq_ids]
+        width = max(map(len, tables))
         flat = []
         for table in tables:
             flat += table
             flat += [0] * (width - len(table))
-        return to_device(flat, torch.int32, self.device).view(len(tables), width), None
+        return flat, width
 
     def _extents(self) -> list[Extent]:
         if self.allocator.num_shared:
