@@ -93,3 +93,24 @@ def test_attention_checks_that_q_matches_the_metadata():
         ops.attention(torch.zeros(3, HEADS, DIM, device=DEVICE), paged.k_caches[0], paged.v_caches[0], decode)
     with pytest.raises(ValueError, match="slot_mapping"):
         ops.attention(torch.zeros(2, HEADS, DIM, device=DEVICE), paged.k_caches[0], paged.v_caches[0], prefill)
+
+
+def test_to_device_many_packs_lists_into_aligned_views_of_one_buffer():
+    """One copy for a step's index lists: each comes back with its values and dtype, at a
+    16-byte-aligned address (Triton compiles a kernel per alignment of its pointers, and only
+    vectorises loads through aligned ones), all in one device buffer."""
+    from minipaged.ops.metadata import to_device_many
+
+    columns = [
+        ([3, -1, 7], torch.int64),
+        ([5], torch.int32),
+        ([], torch.int32),
+        ([1, 2, 3, 4, 5], torch.int32),
+        ([0.5, 2.0], torch.float64),
+    ]
+    tensors = to_device_many(columns, torch.device(DEVICE))
+    for tensor, (values, dtype) in zip(tensors, columns, strict=True):
+        assert tensor.dtype == dtype and tensor.tolist() == values and tensor.device.type == DEVICE
+        assert tensor.data_ptr() % 16 == 0
+    storages = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+    assert len(storages) == 1
