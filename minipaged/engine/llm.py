@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from minipaged.engine.beam_search import beam_step, is_done, penalized
 from minipaged.engine.model_runner import ModelRunner
-from minipaged.engine.sampler import child_seed, sample, sampling_batch
+from minipaged.engine.sampler import sample, sampling_batch
 from minipaged.engine.scheduler import PREEMPTION_MODES, ScheduledSequence, Scheduler, SchedulerOutput
 from minipaged.engine.sequence import (
     PENDING,
@@ -287,10 +287,8 @@ class LLMEngine:
                 rows.append((row, item, item.seq.index))
         draws = Draws(sampling, rows)
         if rows:
-            batch = None  # all greedy (the common case: no settings to gather and send)
-            if any(item.seq.params.temperature for _, item, _ in rows):
-                batch = sampling_batch([(item.seq.params, child_seed(item.seq.seed, index), len(item.seq.token_ids))
-                                        for _, item, index in rows], logits.shape[-1], logits.device)
+            batch = sampling_batch([(item.seq.params, item.seq.seed, index, len(item.seq.token_ids))
+                                    for _, item, index in rows], logits.shape[-1], logits.device)
             one_each = all(row == i for i, (row, _, _) in enumerate(rows))  # then no index to copy to the device
             tokens, logprobs = sample(logits[: len(rows)] if one_each else logits[[row for row, _, _ in rows]], batch)
             draws.send(tokens, logprobs)

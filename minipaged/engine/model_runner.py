@@ -50,7 +50,7 @@ from minipaged.engine.sequence import PENDING, PendingTokens
 from minipaged.kv import KVCache
 from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
-from minipaged.ops.metadata import to_device, to_device_many
+from minipaged.ops.metadata import to_device_many
 
 MAX_GRAPH_TOKENS = 1024  # the largest step with new prompt tokens that replays a graph
 
@@ -138,33 +138,35 @@ class ModelRunner:
         last_rows = [row for row, item in zip(ends, scheduled) if item.samples]
         # Input rows whose token is still on the device (only a sequence's last token can be
         # pending), and the rows of the previous step's tokens that hold them.
-        fill_at = [row for row in ends if input_ids[row] == PENDING]
-        fill_from = [pending.rows[seq_ids[i]] for i, row in enumerate(ends) if input_ids[row] == PENDING]
+        fills = [(row, pending.rows[seq_id]) for row, seq_id in zip(ends, seq_ids) if input_ids[row] == PENDING]
+        fill_at, fill_from = [row for row, _ in fills], [source for _, source in fills]
         metadata = self.cache.attention_metadata(seq_ids, num_new)
-        ids, pos, at, rows = to_device_many([(input_ids, torch.int64), (positions, torch.int64),
-                                             (fill_at, torch.int64), (fill_from, torch.int64)], self.device)
-        if fill_at:
+        ids, pos, at, rows, sampled = to_device_many(
+            [(input_ids, torch.int64), (positions, torch.int64), (fill_at, torch.int64), (fill_from, torch.int64),
+             (last_rows, torch.int64)], self.device)  # fmt: skip
+        if fills:
             ids.index_copy_(0, at, pending.tokens.index_select(0, rows))
         prepared = time.perf_counter()
         graphs, size = (self.graphs, len(seq_ids)) if plan.is_decode else (self.prefill_graphs, len(input_ids))
         graph = graphs[min(b for b in graphs if b >= size)] if graphs and size <= max(graphs) else None
         if graph is not None:
-            logits = self._replay(graph, ids, pos, metadata, last_rows)
+            logits = self._replay(graph, ids, pos, metadata, last_rows, sampled)
         elif not last_rows:  # every sequence fed a middle chunk of its prompt: nothing to sample
             self.model(ids, pos, self.cache, metadata)
             logits = None
         else:
-            hidden = self._rows_of(self.model(ids, pos, self.cache, metadata), last_rows)  # [S, hidden]
+            hidden = self._rows_of(self.model(ids, pos, self.cache, metadata), last_rows, sampled)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, V]
         self.last_seconds = {"prepare": prepared - start, "forward": time.perf_counter() - prepared}
         return logits
 
-    def _rows_of(self, x: Tensor, rows: list[int]) -> Tensor:
-        """``x[rows]`` for increasing ``rows``; a slice when they are the first ``len(rows)`` (a
-        decode step), which needs no index on the device."""
+    @staticmethod
+    def _rows_of(x: Tensor, rows: list[int], rows_on_device: Tensor) -> Tensor:
+        """``x[rows]`` for increasing ``rows`` (also given on the device); a slice when they are the
+        first ``len(rows)`` (a decode step), which launches no gather."""
         if rows[-1] == len(rows) - 1:
             return x[: len(rows)]
-        return x[to_device(rows, torch.int64, self.device)]
+        return x[rows_on_device]
 
     @torch.inference_mode()
     def _capture(self, max_num_seqs: int, token_counts: list[int]) -> None:
@@ -215,10 +217,12 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _replay(
-        self, graph: Graph, ids: Tensor, positions: Tensor, metadata: AttentionMetadata, last_rows: list[int]
+        self, graph: Graph, ids: Tensor, positions: Tensor, metadata: AttentionMetadata, last_rows: list[int],
+        rows_on_device: Tensor,
     ) -> Tensor | None:
         """Copy a step's inputs into the static buffers, pad them to the graph's size, replay;
-        the logits of the rows that sample (``[len(last_rows), V]``), or None when none does."""
+        the logits of the rows that sample (``last_rows``, also given on the device:
+        ``[len(last_rows), V]``), or None when none does."""
         t, s = ids.shape[0], metadata.num_seqs
         static = self.static
         self.static_ids[:t].copy_(ids)
@@ -230,8 +234,7 @@ class ModelRunner:
         if not graph.decode:  # padding sequences start after the last token: they have none
             static.query_start_loc[: s + 1].copy_(metadata.query_start_loc)
             static.query_start_loc[s + 1 : graph.num_seqs + 1].fill_(t)
-            if last_rows:
-                self.static_rows[: len(last_rows)].copy_(to_device(last_rows, torch.int64, self.device))
+            self.static_rows[: len(last_rows)].copy_(rows_on_device)
             self.static_rows[len(last_rows) : graph.num_seqs].zero_()  # rows of an earlier, larger step
         if static.block_tables is not None:
             static.block_tables[:s, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
@@ -240,7 +243,9 @@ class ModelRunner:
         graph.graph.replay()
         if not last_rows:
             return None
-        return self._rows_of(graph.logits, last_rows) if graph.decode else graph.logits[: len(last_rows)]
+        if graph.decode:
+            return self._rows_of(graph.logits, last_rows, rows_on_device)
+        return graph.logits[: len(last_rows)]
 
 
 def _first(metadata: AttentionMetadata, num_tokens: int, num_seqs: int, decode: bool) -> AttentionMetadata:

@@ -35,17 +35,19 @@ class SamplingBatch:
     positions: Tensor  # int64 [B]: the position of the token being sampled (its index in the sequence)
 
 
-def sampling_batch(rows: list[tuple[object, int, int]], vocab_size: int, device: torch.device) -> SamplingBatch | None:
-    """The settings of rows ``(params, seed, position)`` on ``device`` in one copy; None when
-    every row is greedy."""
-    if all(params.temperature == 0 for params, _, _ in rows):
+def sampling_batch(
+    rows: list[tuple[object, int, int, int]], vocab_size: int, device: torch.device
+) -> SamplingBatch | None:
+    """The settings of rows ``(params, request seed, sample index, position)`` on ``device`` in
+    one copy; None when every row is greedy (checked first: most steps, nothing else is done)."""
+    if all(params.temperature == 0 for params, _, _, _ in rows):
         return None
     columns = to_device([  # float64 holds every seed (< 2**31) and position exactly
-        *[params.temperature for params, _, _ in rows],
-        *[params.top_k if params.top_k > 0 else vocab_size for params, _, _ in rows],
-        *[params.top_p for params, _, _ in rows],
-        *[seed for _, seed, _ in rows],
-        *[position for _, _, position in rows],
+        *[params.temperature for params, _, _, _ in rows],
+        *[params.top_k if params.top_k > 0 else vocab_size for params, _, _, _ in rows],
+        *[params.top_p for params, _, _, _ in rows],
+        *[child_seed(seed, index) for _, seed, index, _ in rows],
+        *[position for _, _, _, position in rows],
     ], torch.float64, device).view(5, len(rows))
     temperatures, top_ks, top_ps, seeds, positions = columns
     return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())

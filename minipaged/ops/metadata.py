@@ -14,8 +14,9 @@ The two caches differ in exactly one field, which is ``None`` in the other mode:
 
 So the engine never asks which cache it holds: it passes this object to ``ops.attention``.
 
-The cache builds it from Python lists with ``to_device``, which does not wait for the GPU: the
-engine prepares one step while the GPU still runs the one before (``minipaged.engine.llm``).
+The cache builds it from Python lists with ``to_device_many`` (one copy for all its lists),
+which does not wait for the GPU: the engine prepares one step while the GPU still runs the one
+before (``minipaged.engine.llm``).
 """
 
 from __future__ import annotations
@@ -48,19 +49,18 @@ def to_device_many(columns: list[tuple[list, torch.dtype]], device: torch.device
     as typed views of the device buffer. A list becomes bytes through ``array.array``, three
     times faster than ``torch.tensor`` on a list of a few thousand integers.
     """
-    arrays = [array(_TYPECODES[dtype], values) for values, dtype in columns]
+    packed = [array(_TYPECODES[dtype], values).tobytes() for values, dtype in columns]
     offsets, total = [], 0
-    for packed in arrays:
+    for data in packed:
         offsets.append(total)
-        total += -(-len(packed) * packed.itemsize // 16) * 16  # Triton specialises on 16-byte alignment
+        total += -(-len(data) // 16) * 16  # Triton specialises on 16-byte alignment
     buffer = bytearray(total)
-    for packed, offset in zip(arrays, offsets):
-        buffer[offset : offset + len(packed) * packed.itemsize] = packed.tobytes()
+    for data, offset in zip(packed, offsets):
+        buffer[offset : offset + len(data)] = data
     host = torch.frombuffer(buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     moved = host.to(device) if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
     return [
-        moved[offset : offset + len(packed) * packed.itemsize].view(dtype)
-        for packed, offset, (_, dtype) in zip(arrays, offsets, columns)
+        moved[offset : offset + len(data)].view(dtype) for data, offset, (_, dtype) in zip(packed, offsets, columns)
     ]
 
 
