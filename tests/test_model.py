@@ -225,6 +225,18 @@ def test_rotary_tables_follow_the_device_but_stay_float32_in_a_half_model():
 # -- loading ------------------------------------------------------------------------------
 
 
+def test_q_k_v_and_gate_up_are_stacked_in_transformers_order():
+    config = small_config(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model, hf_model = random_model(config, device="cpu")
+    hf_layer, layer = hf_model.model.layers[1], model.layers[1]
+    q, k, v = layer.self_attn.qkv_proj.weight.split([4 * 16, 2 * 16, 2 * 16])
+    assert torch.equal(q, hf_layer.self_attn.q_proj.weight)
+    assert torch.equal(k, hf_layer.self_attn.k_proj.weight)
+    assert torch.equal(v, hf_layer.self_attn.v_proj.weight)
+    gate, up = layer.mlp.gate_up_proj.weight.chunk(2)
+    assert torch.equal(gate, hf_layer.mlp.gate_proj.weight) and torch.equal(up, hf_layer.mlp.up_proj.weight)
+
+
 def test_a_loaded_model_and_its_saved_directory_load_the_same_weights(tmp_path):
     model, hf_model = random_model(small_config(tie_word_embeddings=True), device="cpu")
     hf_model.save_pretrained(tmp_path)

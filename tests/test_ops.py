@@ -296,6 +296,21 @@ def test_attention_over_metadata_matches_its_reference(num_new):
 
 
 @needs_triton
+@pytest.mark.parametrize("num_new", [[1, 1, 1], [3, 1, 5]], ids=["decode", "prefill"])
+def test_attention_reads_q_as_a_view_of_one_qkv_product(num_new):
+    """The model hands attention q as a view of its stacked QKV product (tokens strided by
+    (H + 2 H_kv) D): the result is the contiguous q's, bit for bit, in a new contiguous tensor."""
+    gen = torch.Generator().manual_seed(18)
+    k, v, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen, num_blocks=24)
+    qkv = torch.randn(sum(num_new), 4 + 2 + 2, 64, generator=gen).to(DEVICE)
+    q = qkv[:, :4]
+    metadata = step_metadata(lens, num_new, block_tables=tables)
+    out = ops.attention(q, k, v, metadata, scale=0.3)
+    assert out.is_contiguous()
+    assert torch.equal(out, ops.attention(q.contiguous(), k, v, metadata, scale=0.3))
+
+
+@needs_triton
 def test_offsets_beyond_int32():
     """A pool whose element offsets pass 2**31; only the blocks in use are ever touched."""
     block_size, head_dim = 16, 64
@@ -512,6 +527,17 @@ def test_silu_and_mul_matches_reference(num_tokens, intermediate, dtype):
     gate = (4 * torch.randn(num_tokens, intermediate, generator=gen)).to(dtype).to(DEVICE)  # silu's bend and tails
     up = torch.randn(num_tokens, intermediate, generator=gen).to(dtype).to(DEVICE)
     assert_matches_reference(triton_layers.silu_and_mul(gate, up), reference.silu_and_mul(gate, up))
+
+
+@needs_triton
+def test_silu_and_mul_of_the_two_halves_of_one_gate_up_product():
+    """gate and up as views of the model's stacked gate/up product: rows strided by 2I."""
+    gen = torch.Generator().manual_seed(19)
+    gate_up = (4 * torch.randn(7, 2 * 96, generator=gen)).to(DEVICE)
+    gate, up = gate_up.split(96, dim=1)
+    out = triton_layers.silu_and_mul(gate, up)
+    assert out.is_contiguous()
+    assert_matches_reference(out, reference.silu_and_mul(gate.contiguous(), up.contiguous()))
 
 
 def test_layer_ops_run_the_reference_where_the_kernels_do_not_cover_the_call(caplog):

@@ -15,7 +15,12 @@ blocks wherever they are), with the same two lines for both caches.
 The elementwise work runs in fused kernels (``ops.rms_norm``, ``ops.rotary``, ``ops.silu_and_mul``):
 a small model's decode step is bound by how many kernels it launches, not by bandwidth. So the
 residual stream is carried beside the hidden states, as in vLLM: each layer receives the previous
-sublayer's output and the stream separately, and the next norm adds them in its own kernel.
+sublayer's output and the stream separately, and the next norm adds them in its own kernel. For
+the same reason the products that read the same input are stacked into one matrix, as vLLM's
+``QKVParallelLinear`` and ``MergedColumnParallelLinear`` do: ``qkv_proj`` holds transformers'
+``q_proj``, ``k_proj`` and ``v_proj`` one above the other, ``gate_up_proj`` holds ``gate_proj`` and
+``up_proj``; the kernels after them read their parts as views. A layer is then ten kernels: two
+norms, four products, the rotary embedding, the cache write, attention, SwiGLU's gate.
 
 The step's tokens come packed, sequence after sequence, with no padding: ``input_ids`` and
 ``positions`` are ``[T]``, and every activation is ``[T, ...]``. Nothing here reads a device
@@ -155,18 +160,17 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # which of the cache's per-layer K/V tensors this layer owns
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # q_proj; k_proj; v_proj
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(
         self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache, metadata: AttentionMetadata
     ) -> Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # Views, not copies: every kernel below reads its part through the token stride.
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # [T, H | H_kv, D]
         # Rotated in place, one kernel for both, by angles looked up at each token's position.
         q, k = ops.rotary(q, k, cos, sin, positions)
         # The new tokens' K/V join their sequences' context first, so each attends to itself too.
@@ -180,12 +184,13 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # gate; up
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))  # [T, I] -> [T, hidden]
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=1)  # [T, I] views of [T, 2I]
+        return self.down_proj(ops.silu_and_mul(gate, up))  # [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -218,9 +223,25 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+# Stacked products: our parameter, and transformers' parameters it stacks (in that order).
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def from_hf_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers Llama state dict under ``Llama``'s names: the ``model.`` prefix dropped, and
+    each group of ``STACKED`` weights concatenated along the output dimension into one."""
+    ours = {name.removeprefix("model."): weight for name, weight in state_dict.items()}
+    for stacked, parts in STACKED.items():
+        for name in [name for name in ours if name.endswith(f".{parts[0]}.weight")]:
+            prefix = name.removesuffix(f"{parts[0]}.weight")
+            ours[f"{prefix}{stacked}.weight"] = torch.cat([ours.pop(f"{prefix}{part}.weight") for part in parts])
+    return ours
+
+
 class Llama(nn.Module):
-    """The network. Its parameters carry transformers' names, less the ``model.`` prefix, so a
-    transformers state dict loads into it as it is (see ``minipaged.model.loader``)."""
+    """The network. Its parameters carry transformers' names, less the ``model.`` prefix, except
+    the stacked products (``STACKED``): ``from_hf_state_dict`` maps a transformers state dict onto
+    them (see ``minipaged.model.loader``)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

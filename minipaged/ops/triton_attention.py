@@ -180,6 +180,7 @@ def _attention_kernel(
     num_heads,
     num_seqs,
     stride_q_token, stride_q_head,
+    stride_out_token, stride_out_head,
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head,
     stride_tables_seq,
@@ -277,8 +278,9 @@ def _attention_kernel(
         part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
         tl.store(part_out + dims[None, :], out, mask=row_valid[:, None])
     else:
+        out_rows = (first_query + token).to(tl.int64) * stride_out_token + head * stride_out_head
         tl.store(
-            out_ptr + q_rows[:, None] + dims[None, :],
+            out_ptr + out_rows[:, None] + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=row_valid[:, None] & dim_valid[None, :],
         )
@@ -508,9 +510,9 @@ def attention(
     """Launch the kernel. Paged when ``block_tables`` is given (``k_cache [blocks, block_size,
     H_kv, D]``), contiguous otherwise (``k_cache [slots, H_kv, D]`` and ``starts``); decode when
     ``query_start_loc`` is None. Arguments are assumed checked (see ``minipaged.ops.checks``).
-    The head dimension of the caches must be contiguous and the batch non-empty.
-    ``partition_size`` and ``config`` override the heuristics; ``out`` (contiguous, like ``q``)
-    receives the result.
+    The head dimension of q, the caches and ``out`` must be contiguous (their other strides are
+    free) and the batch non-empty. ``partition_size`` and ``config`` override the heuristics;
+    ``out`` (shaped like ``q``) receives the result.
     """
     paged, decode = block_tables is not None, query_start_loc is None
     num_seqs = context_lens.shape[0]
@@ -521,8 +523,9 @@ def attention(
         partition_size, None if config is None else tuple(config.items()),
     )  # fmt: skip
 
-    q = q.contiguous()
-    out = torch.empty_like(q) if out is None else out
+    # q may be a view (the model's fused QKV product): the kernel reads it through its strides
+    # and writes ``out`` through its own.
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     # Triton wants a tensor for every pointer argument, also for those a constexpr switch leaves
     # unread: the block table or the slab starts (PAGED), the query starts (DECODE) and the split-K
     # partials (SPLIT). Those get a tensor already at hand (``context_lens``, ``out``), so nothing
@@ -536,7 +539,7 @@ def attention(
     else:  # the arena as a pool of one-token blocks; the block stride is never used
         k_strides, v_strides = (0, *k_strides[:2]), (0, *v_strides[:2])
         tables, table_stride = unread, 0
-    q_strides = q.stride()
+    q_strides, out_strides = q.stride(), out.stride()
     launch(
         _attention_kernel, plan.grid,
         (
@@ -545,6 +548,7 @@ def attention(
             partials,
             scale * LOG2_E, plan.partition_size, plan.num_partitions, num_heads, 1 if decode else num_seqs,
             q_strides[0], q_strides[1],
+            out_strides[0], out_strides[1],
             *k_strides,
             *v_strides,
             table_stride,
@@ -552,7 +556,6 @@ def attention(
         **plan.meta,
     )  # fmt: skip
     if plan.partials_numel:
-        out_strides = out.stride()
         launch(
             _merge_partitions_kernel, (num_seqs, num_heads),
             (out, partials, context_lens, plan.partition_size, plan.num_partitions, num_heads, *out_strides[:2]),

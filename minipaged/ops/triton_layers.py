@@ -10,7 +10,8 @@ embedding seven per tensor (four products, a difference, a sum, a ``cat``), SwiG
 residual add one: 43 kernels per layer, of which only 9 are the matrix products, the cache write
 and attention. For a 1B model (16 layers) the 34 others are ~550 launches, about 2 ms of a ~3 ms
 step at batch 16. Here each group is one kernel that reads its inputs once and writes its outputs
-once: 13 launches per layer instead of 43 (vLLM and nano-vllm fuse the same groups).
+once: 13 launches per layer instead of 43 (vLLM and nano-vllm fuse the same groups), and 10 once
+the model stacks its Q, K, V and its gate, up products (``minipaged.model.llama``).
 
 Each kernel rounds where PyTorch rounds, so the model still computes what transformers computes:
 
@@ -25,7 +26,8 @@ Each kernel rounds where PyTorch rounds, so the model still computes what transf
   with element ``i + D/2`` (transformers' ``rotate_half``); the rotation is computed in float32
   and rounded once. It is compiled without fused multiply-add (``enable_fp_fusion=False``), so a
   GPU computes the reference's float32 values bit for bit.
-* ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``.
+* ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``;
+  gate and up are read through their row strides, so they can be the two halves of one product.
   ``silu(gate)`` in float32 rounded to the dtype (as ``F.silu`` does), then the product with
   ``up`` rounded again (as ``*`` does).
 
@@ -152,23 +154,30 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, width, BLOCK: tl.constexpr):
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    offsets = tl.program_id(0).to(tl.int64) * width + cols
+    row = tl.program_id(0).to(tl.int64)
     mask = cols < width
-    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)  # F.silu rounds to the dtype
-    tl.store(out_ptr + offsets, (silu.to(tl.float32) * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * width + cols, (silu.to(tl.float32) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """Triton version of ``reference.silu_and_mul`` (arguments already checked, see ``checks``)."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    """Triton version of ``reference.silu_and_mul`` (arguments already checked, see ``checks``).
+    ``gate`` and ``up`` may be views with any row stride, such as the two halves of the model's
+    fused gate/up product; the output is a new contiguous ``[T, I]``."""
+    if gate.stride(-1) != 1 or up.stride(-1) != 1:
+        gate, up = gate.contiguous(), up.contiguous()
     num_tokens, width = gate.shape
+    out = torch.empty((num_tokens, width), dtype=gate.dtype, device=gate.device)
     block = 1024
-    # The kernel gets the row width, not the element count: the width is the model's, so every
-    # step reuses one launch key (see ``launch``), however many tokens it has.
-    launch(_silu_and_mul_kernel, (num_tokens, cdiv(width, block)), (gate, up, out, width), BLOCK=block)
+    # The kernel gets the row width and strides, not the element count: they are the model's, so
+    # every step reuses one launch key (see ``launch``), however many tokens it has.
+    launch(
+        _silu_and_mul_kernel, (num_tokens, cdiv(width, block)),
+        (gate, up, out, gate.stride(0), up.stride(0), width),
+        BLOCK=block,
+    )  # fmt: skip
     return out
