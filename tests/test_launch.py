@@ -18,20 +18,21 @@ from tests.test_ops import DEVICE, HAS_CUDA, gpu, needs_triton  # also sets TRIT
 
 
 def test_the_key_tells_apart_what_triton_specialises_on():
-    entry = launch._Kernel(triton_layers._silu_and_mul_kernel, (torch.zeros(1),) * 3 + (8,))
+    # (gate, up, out, stride_gate, stride_up, width): every runtime argument, as a launch gives them
+    entry = launch._Kernel(triton_layers._silu_and_mul_kernel, (torch.zeros(1),) * 3 + (8, 8, 8))
     assert entry.num_tensors == 3
     base = torch.zeros(64, dtype=torch.float16)
     meta = {"BLOCK": 1024}
 
-    def key(gate, numel=64, block=1024):
-        return entry.key(0, (gate, base, base, numel), {"BLOCK": block})[0]
+    def key(gate, width=64, block=1024):
+        return entry.key(0, (gate, base, base, width, width, width), {"BLOCK": block})[0]
 
     assert key(base) == key(base.clone()) == key(base[8:])  # 16 bytes in: still aligned
     assert key(base[1:]) != key(base)  # 2 bytes in: not 16-byte aligned
     assert key(base.float()) != key(base)
-    assert entry.key(0, (base, base, base, 64), meta)[1] == [base.data_ptr()] * 3
-    assert key(base, numel=1) != key(base, numel=16) != key(base, numel=17)
-    assert key(base, block=512) != key(base) and entry.key(1, (base, base, base, 64), meta)[0] != key(base)
+    assert entry.key(0, (base, base, base, 64, 64, 64), meta)[1] == [base.data_ptr()] * 3
+    assert key(base, width=1) != key(base, width=16) != key(base, width=17)
+    assert key(base, block=512) != key(base) and entry.key(1, (base, base, base, 64, 64, 64), meta)[0] != key(base)
 
 
 def test_kernels_must_take_runtime_arguments_before_constexprs(monkeypatch):

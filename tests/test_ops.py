@@ -916,16 +916,55 @@ def test_split_k_partials_reuse_one_workspace_that_only_grows():
         )  # fmt: skip
 
     assert rel_error(split_call(32), want) < 1e-5
-    buffer = triton_attention._workspaces[WORKSPACE_DEVICE]
+    buffer = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
     assert rel_error(split_call(32), want) < 1e-5
-    assert triton_attention._workspaces[WORKSPACE_DEVICE] is buffer  # reused, not reallocated
+    assert triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32] is buffer  # reused, not reallocated
     needed = triton_attention._partials_numel(2, 4, triton.cdiv(90, 4), 64)
     assert rel_error(split_call(4), want) < 1e-5  # 23 partitions: the buffer may have to grow
-    grown = triton_attention._workspaces[WORKSPACE_DEVICE]
+    grown = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
     assert grown.numel() >= needed
     if grown is not buffer:
         assert any(old is buffer for old in triton_attention._outgrown)
     assert rel_error(split_call(32), want) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize(("heads", "kv_heads"), [(12, 4), (4, 4)])  # a group of 3 (padded to 4), and MHA
+def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
+    """Few partitions: the last partition of each (sequence, KV head) to finish merges them all
+    (one launch); many: a second kernel does. Same result, on lengths that leave some partitions
+    of some sequences empty, and the ticket counters are back at 0 after the call (so the next
+    call, or a CUDA graph's next replay, starts clean)."""
+    gen = torch.Generator().manual_seed(23)
+    k_cache, v_cache, tables, lens = random_paged(3, 90, kv_heads, 32, 8, torch.float32, gen)
+    lens[1], lens[2] = 17, 1
+    q = torch.randn(3, heads, 32, generator=gen).to(DEVICE)
+    want = decode_reference(q, k_cache, v_cache, tables, lens)
+
+    def split_call(fuse_merge):
+        return triton_attention.attention(
+            q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=32**-0.5,
+            partition_size=16, config={"fuse_merge": fuse_merge},
+        )  # fmt: skip
+
+    assert triton_attention._plan(3, 3, heads, 32, kv_heads, True, 8, True, 4, q.device, True, 90, 1, 16,
+                                  (("fuse_merge", 1),)).merge_meta is None  # fmt: skip
+    fused, two_kernels = split_call(1), split_call(0)
+    assert rel_error(fused, want) < 1e-5
+    assert rel_error(two_kernels, want) < 1e-5
+    counters = triton_attention._workspaces[WORKSPACE_DEVICE, torch.int32]
+    assert counters.numel() >= 3 * kv_heads and not counters.any()
+    assert rel_error(split_call(1), want) < 1e-5  # and again, from the reset counters
+
+
+def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
+    """The plan fuses the merge for a handful of partitions and leaves 128 to the merge kernel."""
+    def plan(partitions):
+        return triton_attention._plan(1, 1, 32, 128, 8, True, 16, False, 2, torch.device("cpu"), True,
+                                      partitions * 256, 1, 256, None)  # fmt: skip
+
+    assert plan(16).meta["MERGE"] and plan(16).merge_meta is None and plan(16).counters_numel == 8
+    assert not plan(128).meta["MERGE"] and plan(128).merge_meta is not None and plan(128).counters_numel == 0
 
 
 @needs_triton

@@ -18,17 +18,21 @@ the ``[BLOCK_M, HEAD_DIM]`` query tile are (token, head-in-group) pairs).
 Split-K ("FlashDecoding", vLLM's paged attention v2): in decode, a sequence's context is cut
 into partitions processed by separate programs, so one long sequence still fills every
 multiprocessor. Each partition writes its normalised partial output with its running max
-and exp-sum into one float32 workspace (cached per device, not allocated per call); a second
-small kernel merges them. With one partition the kernel writes the output directly and the
-merge is skipped.
+and exp-sum into one float32 workspace (cached per device, not allocated per call), and they
+are merged by each partition's share of the softmax denominator. Where a KV group's partials fit
+one program's registers (up to ~16 partitions), the *last* partition of (sequence, KV head) to
+finish merges them, found by an atomic ticket counter: one launch. With more partitions, one
+program would merge them as a long serial tail, so a second small kernel merges them, one
+program per query head (notes/kernels.md, v5 and v7). With one partition the kernel writes the
+output directly.
 
 Prefill is compute-bound, as in FlashAttention's forward pass: only the tiles on a program's
 diagonal are masked (``_attend`` with ``MASKED``), and the query blocks of one (sequence, KV
 head) are launched together, longest first, so they share its keys in L2 (notes/kernels.md).
 
 Host cost: a call does no work that grows with the batch, allocates only its output, and
-launches one kernel (two with split-K) through ``launch.launch``, which skips most of Triton's
-per-call host work. The grid arithmetic is plain Python integers
+launches one kernel (two with split-K over many partitions) through ``launch.launch``, which
+skips most of Triton's per-call host work. The grid arithmetic is plain Python integers
 (``launch.cdiv``, ``launch.next_power_of_2``): ``triton.cdiv`` is a constexpr function that
 costs microseconds per call outside a kernel.
 
@@ -50,6 +54,7 @@ from minipaged.ops.launch import cdiv, launch, next_power_of_2
 
 LOG2_E = 1.4426950408889634
 WHOLE_CONTEXT = 1 << 30  # the partition size that means "no split-K" (a multiple of any tile)
+FUSED_MERGE_ELEMENTS = 8192  # the most partial outputs (heads x partitions x dims) one program merges
 
 
 @triton.jit
@@ -174,6 +179,7 @@ def _attention_kernel(
     lens_ptr,
     query_start_ptr,
     partials_ptr,
+    counters_ptr,
     scale_log2,
     partition_size,
     num_partitions,
@@ -194,6 +200,8 @@ def _attention_kernel(
     PAGED: tl.constexpr,
     DECODE: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE: tl.constexpr,
+    MERGE_PARTITIONS_PAD: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Rows of the query tile: (token, head within the KV group) pairs.
@@ -269,14 +277,29 @@ def _attention_kernel(
 
     out = acc / running_sum[:, None]
     if SPLIT:
-        # Partial results of (seq, head, partition), merged by _merge_partitions_kernel; the
-        # workspace holds all maxes, then all sums, then all outputs (see _partials_layout).
+        # Partial results of (seq, head, partition); the workspace holds all maxes, then all
+        # sums, then all outputs (see _partials_numel).
         slot = (seq * num_heads + head) * num_partitions + partition
         num_slots = tl.num_programs(0) * num_heads * num_partitions
         tl.store(partials_ptr + slot, running_max, mask=row_valid)
         tl.store(partials_ptr + num_slots + slot, running_sum, mask=row_valid)
         part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
         tl.store(part_out + dims[None, :], out, mask=row_valid[:, None])
+        if MERGE:
+            # One launch instead of two: the last partition of (seq, KV head) to finish merges
+            # them all. Each takes a ticket once its partials are stored (the barrier: stored by
+            # every thread; the atomic's acquire-release: visible to the program that draws the
+            # last ticket), and the last one puts the counter back to 0 for the next call.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * num_kv_heads + kv_head
+            used = tl.cdiv(length, partition_size)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
+                tl.store(counter, 0)
+                _merge(
+                    out_ptr, partials_ptr, seq, kv_head * QUERIES_PER_KV, used, num_heads, num_partitions,
+                    num_slots, stride_out_token, stride_out_head,
+                    QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM, HEAD_DIM_PAD, MERGE_PARTITIONS_PAD,
+                )  # fmt: skip
     else:
         out_rows = (first_query + token).to(tl.int64) * stride_out_token + head * stride_out_head
         tl.store(
@@ -284,6 +307,38 @@ def _attention_kernel(
             out.to(out_ptr.dtype.element_ty),
             mask=row_valid[:, None] & dim_valid[None, :],
         )
+
+
+@triton.jit
+def _merge(
+    out_ptr, partials_ptr, seq, first_head, used, num_heads, num_partitions, num_slots,
+    stride_out_seq, stride_out_head,
+    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PARTITIONS_PAD: tl.constexpr,
+):  # fmt: skip
+    """Second half of split-K for query heads ``first_head .. first_head + HEADS`` of one
+    sequence: each of the ``used`` partitions' outputs weighs by its share of the softmax
+    denominator. Loads skip L1 (``.cg``): in the fused merge, other programs wrote them."""
+    heads = tl.arange(0, HEADS_PAD)
+    parts = tl.arange(0, PARTITIONS_PAD)
+    valid = (heads[:, None] < HEADS) & (parts[None, :] < used)
+    slot = (seq * num_heads + first_head + heads[:, None]) * num_partitions + parts[None, :]  # [heads, partitions]
+    maxes = tl.load(partials_ptr + slot, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(partials_ptr + num_slots + slot, mask=valid, other=0.0, cache_modifier=".cg")
+    real_head = heads < HEADS
+    top = tl.where(real_head, tl.max(maxes, axis=1), 0.0)  # padding heads: no -inf - -inf
+    weights = sums * tl.exp2(maxes - top[:, None])  # unused partitions (and padding heads) weigh 0
+    total = tl.where(real_head, tl.sum(weights, axis=1), 1.0)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    part_out = partials_ptr + 2 * num_slots + slot[:, :, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, None, :]
+    partial = tl.load(part_out, mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(partial * weights[:, :, None], axis=1) / total[:, None]
+    out_rows = seq.to(tl.int64) * stride_out_seq + (first_head + heads) * stride_out_head
+    tl.store(
+        out_ptr + out_rows[:, None] + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=real_head[:, None] & (dims[None, :] < HEAD_DIM),
+    )
 
 
 @triton.jit
@@ -299,26 +354,15 @@ def _merge_partitions_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     PARTITIONS_PAD: tl.constexpr,
 ):
-    """Second pass of split-K: weigh each partition by its share of the softmax denominator."""
+    """Split-K's second pass as its own kernel, one program per (sequence, query head): for
+    many partitions, where one program merging a whole group would be a long serial tail."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
     used = tl.cdiv(tl.load(lens_ptr + seq), partition_size)
-    parts = tl.arange(0, PARTITIONS_PAD)
-    part_valid = parts < used
-    slot = (seq * num_heads + head) * num_partitions + parts
     num_slots = tl.num_programs(0) * num_heads * num_partitions
-    maxes = tl.load(partials_ptr + slot, mask=part_valid, other=float("-inf"))
-    sums = tl.load(partials_ptr + num_slots + slot, mask=part_valid, other=0.0)
-    weights = sums * tl.exp2(maxes - tl.max(maxes, axis=0))  # unused partitions weigh 0
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
-    partial = tl.load(part_out + dims[None, :], mask=part_valid[:, None], other=0.0)
-    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_out_seq + head * stride_out_head + dims,
-        out.to(out_ptr.dtype.element_ty),
-        mask=dims < HEAD_DIM,
-    )
+    _merge(
+        out_ptr, partials_ptr, seq, tl.program_id(1), used, num_heads, num_partitions, num_slots,
+        stride_out_seq, stride_out_head, 1, 1, HEAD_DIM, HEAD_DIM_PAD, PARTITIONS_PAD,
+    )  # fmt: skip
 
 
 @functools.cache
@@ -389,22 +433,23 @@ def _prefill_config(head_dim_pad: int, fp32_dot: bool, device: torch.device, max
     return {"BLOCK_M": 64, "TILE": 64, "num_warps": 4, "num_stages": 3}
 
 
-# Split-K partials, one float32 buffer per device, reused by every call instead of three
-# allocations per call. It only grows; a buffer it outgrows is kept alive, because a CUDA graph
-# captured earlier still writes to it. Calls that share it must run one after another on one
-# stream (each call's merge reads the partials before the next call writes them), which is how
-# an engine and the benchmark call attention.
-_workspaces: dict[torch.device, Tensor] = {}
+# Split-K partials (float32) and the fused merge's ticket counters (int32), one buffer of each per
+# device, reused by every call instead of allocations per call. A buffer only grows; one it
+# outgrows is kept alive, because a CUDA graph captured earlier still uses it. Buffers start at
+# zero, and every merge puts its counter back to zero. Calls that share them must run one after
+# another on one stream (each call's merge reads the partials before the next call writes them),
+# which is how an engine and the benchmark call attention.
+_workspaces: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 _outgrown: list[Tensor] = []
 
 
-def _workspace(device: torch.device, numel: int) -> Tensor:
-    buffer = _workspaces.get(device)
+def _workspace(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    buffer = _workspaces.get((device, dtype))
     if buffer is None or buffer.numel() < numel:
         if buffer is not None:
             _outgrown.append(buffer)
-        buffer = torch.empty(next_power_of_2(numel), device=device, dtype=torch.float32)
-        _workspaces[device] = buffer
+        buffer = torch.zeros(next_power_of_2(numel), device=device, dtype=dtype)
+        _workspaces[device, dtype] = buffer
     return buffer
 
 
@@ -422,7 +467,8 @@ class _Plan:
     num_partitions: int
     meta: dict[str, int | bool]  # the kernel's constexprs and launch options
     partials_numel: int  # 0 without split-K
-    merge_meta: dict[str, int]
+    counters_numel: int  # 0 unless the kernel merges its partitions itself (MERGE)
+    merge_meta: dict[str, int] | None  # the merge kernel's, when split-K needs it
 
 
 @functools.cache
@@ -473,22 +519,27 @@ def _plan(
     split = num_partitions > 1
     if not split:  # one partition holds any context: one value, so one launch key for every length
         partition_size = WHOLE_CONTEXT
+    partitions_pad = max(2, next_power_of_2(num_partitions))
+    # The kernel merges its own partitions when one program can hold a KV group's partials in
+    # registers; many partitions are merged by the second kernel, one program per query head.
+    fits = group_pad * partitions_pad * head_dim_pad <= FUSED_MERGE_ELEMENTS
+    fused = split and bool(settings.get("fuse_merge", fits))
     meta = dict(
         QUERIES_PER_KV=group, QUERIES_PER_KV_PAD=group_pad, BLOCK_M=block_m,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, TILE=tile,
-        PAGED=paged, DECODE=decode, SPLIT=split, FP32_DOT=fp32_dot,
-        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+        PAGED=paged, DECODE=decode, SPLIT=split, MERGE=fused, MERGE_PARTITIONS_PAD=partitions_pad if fused else 1,
+        FP32_DOT=fp32_dot, num_warps=settings["num_warps"], num_stages=settings["num_stages"],
     )  # fmt: skip
-    merge_meta = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        PARTITIONS_PAD=max(2, next_power_of_2(num_partitions)), num_warps=4,
-    )  # fmt: skip
+    merge_meta = None
+    if split and not fused:
+        merge_meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITIONS_PAD=partitions_pad, num_warps=4)
     partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
     if decode:
         grid = (num_seqs, num_kv_heads, num_partitions)
     else:  # room for every sequence's query blocks, for every KV head (see _find_sequence)
         grid = ((num_tokens // (block_m // group_pad) + num_seqs) * num_kv_heads, 1, 1)
-    return _Plan(grid, partition_size, num_partitions, meta, partials, merge_meta)
+    return _Plan(grid, partition_size, num_partitions, meta, partials, num_seqs * num_kv_heads if fused else 0,
+                 merge_meta)
 
 
 def attention(
@@ -527,11 +578,12 @@ def attention(
     # and writes ``out`` through its own.
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     # Triton wants a tensor for every pointer argument, also for those a constexpr switch leaves
-    # unread: the block table or the slab starts (PAGED), the query starts (DECODE) and the split-K
-    # partials (SPLIT). Those get a tensor already at hand (``context_lens``, ``out``), so nothing
-    # is allocated for them.
+    # unread: the block table or the slab starts (PAGED), the query starts (DECODE), the split-K
+    # partials (SPLIT) and the merge's counters (MERGE). Those get a tensor already at hand
+    # (``context_lens``, ``out``), so nothing is allocated for them.
     unread = context_lens
     partials = _workspace(q.device, plan.partials_numel) if plan.partials_numel else out
+    counters = _workspace(q.device, plan.counters_numel, torch.int32) if plan.counters_numel else unread
     k_strides, v_strides = k_cache.stride(), v_cache.stride()
     if paged:
         k_strides, v_strides = k_strides[:3], v_strides[:3]
@@ -545,7 +597,7 @@ def attention(
         (
             q, k_cache, v_cache, out,
             tables, unread if starts is None else starts, context_lens, unread if decode else query_start_loc,
-            partials,
+            partials, counters,
             scale * LOG2_E, plan.partition_size, plan.num_partitions, num_heads, 1 if decode else num_seqs,
             q_strides[0], q_strides[1],
             out_strides[0], out_strides[1],
@@ -555,7 +607,7 @@ def attention(
         ),
         **plan.meta,
     )  # fmt: skip
-    if plan.partials_numel:
+    if plan.merge_meta is not None:
         launch(
             _merge_partitions_kernel, (num_seqs, num_heads),
             (out, partials, context_lens, plan.partition_size, plan.num_partitions, num_heads, *out_strides[:2]),
