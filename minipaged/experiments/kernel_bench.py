@@ -614,6 +614,7 @@ def plot(rows: list[Row], out_dir: Path, copy_tbps: float, device_name: str) -> 
 
 
 TUNE_SHAPES = [
+    (1, 2048, 16),
     (1, 8192, 16),
     (1, 32768, 16),
     (1, 32768, 8),
@@ -630,8 +631,7 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
 
     Each variant changes the default configuration (``_launch_config``) in one place: the
     context tile, warps, pipeline stages, split-K programs per multiprocessor, or where split-K's
-    partitions are merged. This is how
-    the defaults were chosen (notes/kernels.md).
+    partitions are merged. This is how the defaults were chosen (notes/kernels.md).
     """
     from minipaged.ops import triton_attention
 
