@@ -947,8 +947,12 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
             partition_size=16, config={"fuse_merge": fuse_merge},
         )  # fmt: skip
 
-    assert triton_attention._plan(3, 3, heads, 32, kv_heads, True, 8, True, 4, q.device, True, 90, 1, 16,
-                                  (("fuse_merge", 1),)).merge_meta is None  # fmt: skip
+    fused_plan = triton_attention._plan(
+        num_seqs=3, num_tokens=3, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
+        fp32_dot=True, element_size=4, device=q.device, decode=True, max_context_len=90, max_query_len=1,
+        partition_size=16, config=(("fuse_merge", 1),),
+    )  # fmt: skip
+    assert fused_plan.merge_meta is None
     fused, two_kernels = split_call(1), split_call(0)
     assert rel_error(fused, want) < 1e-5
     assert rel_error(two_kernels, want) < 1e-5
@@ -960,8 +964,11 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
 def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
     """The plan fuses the merge for a handful of partitions and leaves 128 to the merge kernel."""
     def plan(partitions):
-        return triton_attention._plan(1, 1, 32, 128, 8, True, 16, False, 2, torch.device("cpu"), True,
-                                      partitions * 256, 1, 256, None)  # fmt: skip
+        return triton_attention._plan(
+            num_seqs=1, num_tokens=1, num_heads=32, head_dim=128, num_kv_heads=8, paged=True, block_size=16,
+            fp32_dot=False, element_size=2, device=torch.device("cpu"), decode=True,
+            max_context_len=partitions * 256, max_query_len=1, partition_size=256, config=None,
+        )  # fmt: skip
 
     assert plan(16).meta["MERGE"] and plan(16).merge_meta is None and plan(16).counters_numel == 8
     assert not plan(128).meta["MERGE"] and plan(128).merge_meta is not None and plan(128).counters_numel == 0
