@@ -70,6 +70,31 @@ def test_paged_and_contiguous_caches_give_the_same_attention(num_new):
         first += n
 
 
+def test_the_block_tables_handed_to_the_kernels_are_the_lists_padded():
+    """The paged cache keeps its tables twice: as lists (what it reasons with) and as rows of one
+    array (what a step hands the kernels, ``TableRows``). They agree after allocations, frees,
+    a fork with copy-on-write, a swap out and back, and appends across block boundaries, for more
+    sequences than the array first has rows for."""
+    cache = PagedKVCache(200, 4, max_seq_len=64, num_cpu_blocks=40)
+    for seq_id in range(40):
+        cache.allocate(seq_id, 1 + seq_id % 9)
+    for seq_id in range(0, 40, 3):
+        cache.free(seq_id)
+    cache.fork(1, 100)
+    assert cache.append_slots(100, 2)  # sequence 1's last block is shared and partly filled: copied
+    cache.swap_out([2])
+    cache.swap_in([2])
+    for seq_id in cache.seq_ids:
+        cache.append_slots(seq_id, 4)
+    ids = cache.seq_ids
+    metadata = cache.attention_metadata(ids, [1] * len(ids))
+    width = max(len(cache.block_table(seq_id)) for seq_id in ids)
+    padded = [cache.block_table(seq_id) + [0] * (width - len(cache.block_table(seq_id))) for seq_id in ids]
+    assert metadata.block_tables.tolist() == padded
+    assert metadata.context_lens.tolist() == [cache.num_tokens(seq_id) for seq_id in ids]
+    assert metadata.slot_mapping.tolist() == [cache.slot_mapping(s, cache.num_tokens(s) - 1).item() for s in ids]
+
+
 def test_attention_metadata_rejects_bad_requests_and_changes_nothing():
     paged, _ = filled_caches({0: 5}, torch.Generator().manual_seed(0))
     before = paged.block_table(0)

@@ -150,6 +150,10 @@ class CacheMachine(RuleBasedStateMachine):
                 assert a.num_shared == sum(count > 1 for count in a.ref_counts)
                 unused = sorted(list(a.free_list) + list(a.prefix_cache.evictable))
                 assert unused == sorted(b for b in range(a.num_blocks) if b not in held)
+            rows = cache.pool.rows  # the kernels' copy of the tables follows every change
+            assert sorted(rows.row) == sorted(cache.block_tables)
+            for seq_id, table in cache.block_tables.items():
+                assert rows.array[rows.row[seq_id], : len(table)].tolist() == table
             for seq_id in self.live():
                 n = len(self.tokens[seq_id])
                 assert len(cache.block_table(seq_id)) == -(-n // cache.block_size)

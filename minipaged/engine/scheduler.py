@@ -129,7 +129,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             group = self.running[index]
-            if not self._catch_up(group):
+            if (group.forks or group.dropped) and not self._catch_up(group):
                 self._preempt_one(index)  # if that was this group, the next one takes its index
                 continue
             appends = self._next_tokens(group, budget)
@@ -246,8 +246,6 @@ class Scheduler:
         parents of those children (a finished sample can be one). Freeing first lets a contiguous
         fork reuse a dropped beam's slab. False if a fork found no memory (a contiguous slab;
         paged forks share and never fail); what was done so far stays done."""
-        if not group.forks and not group.dropped:
-            return True
         parents = {parent.seq_id for parent, _ in group.forks}
         for seq in [seq for seq in group.dropped if seq.seq_id not in parents]:
             self.cache.free(seq.seq_id)

@@ -17,13 +17,13 @@ input checks and the memory breakdown once; the subclasses implement allocation 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from itertools import accumulate
 
+import numpy as np
 import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent, MemoryBreakdown, breakdown
-from minipaged.ops.metadata import AttentionMetadata, to_device_many
+from minipaged.ops.metadata import AttentionMetadata, HostMetadata
 
 
 class KVCacheFull(RuntimeError):
@@ -145,16 +145,16 @@ class KVCache(ABC):
         (The contiguous cache's blocks are its slabs' slots.)"""
 
     @abstractmethod
-    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
-        """Slots of positions ``[start, end)`` of each live sequence of ``spans`` (``(seq_id,
-        start, end)``), one after the other (the one place the two designs differ). One call per
-        step, not one per sequence: a step of 256 sequences asks for 256 spans."""
+    def _kernel_addressing(self, seq_ids: list[int], max_len: int) -> np.ndarray:
+        """How the kernels find live sequences' tokens (int32): their block tables ``[len(seq_ids),
+        blocks of max_len]`` (paged), or each slab's first slot ``[len(seq_ids)]`` (contiguous);
+        ``max_len`` is the most tokens any of them holds. ``attention_metadata`` sends it to the device."""
 
     @abstractmethod
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
-        """How the kernels find live sequences' tokens, as a flat list and a row width: the block
-        tables padded to ``width`` blocks, row after row (paged), or each slab's first slot and
-        ``None`` (contiguous). ``attention_metadata`` sends it to the device."""
+    def _slots(self, addressing: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """int64 slots of ``positions``, each of the sequence at that row of ``addressing`` (the one
+        place the two designs differ: see the module docstring). Whole arrays at once: a step of
+        256 sequences computes its slots in a few numpy operations, not a Python loop."""
 
     @abstractmethod
     def _extents(self) -> list[Extent]:
@@ -184,14 +184,21 @@ class KVCache(ABC):
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"positions [{start}, {end}) must lie within [0, {n}] for sequence {seq_id}")
-        return torch.tensor(self._slots([(seq_id, start, end)]), dtype=torch.int64, device=self.device)
+        positions = np.arange(start, end)
+        slots = self._slots(self._kernel_addressing([seq_id], n), np.zeros_like(positions), positions)
+        return torch.from_numpy(slots).to(self.device)
 
     def attention_metadata(self, seq_ids: list[int], num_new_tokens: list[int]) -> AttentionMetadata:
         """What the kernels need for one step in which sequence ``seq_ids[i]`` brings its last
         ``num_new_tokens[i]`` tokens (already allocated: after ``allocate``/``append_slots``).
 
-        Built once per step on the host, in one pass, then shared by every layer.
+        Built once per step on the host, in one pass, sent to the device in one copy, then shared
+        by every layer.
         """
+        return self.host_metadata(seq_ids, num_new_tokens).to_device(self.device)[0]
+
+    def host_metadata(self, seq_ids: list[int], num_new_tokens: list[int]) -> HostMetadata:
+        """``attention_metadata`` still on the host, as numpy arrays."""
         if not seq_ids:
             raise ValueError("seq_ids must name at least one sequence")
         if len(num_new_tokens) != len(seq_ids):
@@ -201,20 +208,23 @@ class KVCache(ABC):
             if n is None or type(new) is not int or not 1 <= new <= n:
                 self._check_live(seq_id)
                 raise ValueError(f"sequence {seq_id} holds {n} tokens: its new tokens must number 1..{n}, got {new}")
-        query_start_loc = list(accumulate(num_new_tokens, initial=0))
-        slots = self._slots([(seq_id, n - new, n) for seq_id, n, new in zip(seq_ids, context_lens, num_new_tokens)])
-        decode = query_start_loc[-1] == len(seq_ids)
-        addressing, width = self._kernel_addressing(seq_ids)
-        slot_mapping, lens, starts_or_tables, query_starts = to_device_many(
-            [(slots, torch.int64), (context_lens, torch.int32), (addressing, torch.int32),
-             ([] if decode else query_start_loc, torch.int32)], self.device)  # fmt: skip
-        return AttentionMetadata(
-            slot_mapping=slot_mapping,
+        num_seqs, max_len = len(seq_ids), max(context_lens)
+        addressing = self._kernel_addressing(seq_ids, max_len)
+        # Every new token's sequence (its row of ``addressing``) and position, then its slot.
+        lens = np.array(context_lens)
+        if sum(num_new_tokens) == num_seqs:  # decode: one token each, the last
+            rows, positions, query_start_loc = np.arange(num_seqs), lens - 1, None
+        else:
+            new = np.array(num_new_tokens)
+            query_start_loc = np.concatenate([[0], np.cumsum(new)])
+            rows = np.repeat(np.arange(num_seqs), new)
+            positions = np.arange(query_start_loc[-1]) + np.repeat(lens - new - query_start_loc[:-1], new)
+        return HostMetadata(
+            slot_mapping=self._slots(addressing, rows, positions),
             context_lens=lens,
-            query_start_loc=None if decode else query_starts,
-            block_tables=None if width is None else starts_or_tables.view(len(seq_ids), width),
-            starts=starts_or_tables if width is None else None,
-            max_context_len=max(context_lens),
+            query_start_loc=query_start_loc,
+            addressing=addressing,
+            max_context_len=max_len,
             max_query_len=max(num_new_tokens),
         )
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from minipaged.kv.accounting import Extent
@@ -201,13 +202,13 @@ class ContiguousKVCache(KVCache):
         return reserved, reserved  # nothing is shared
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
-        slabs = self.slabs
-        return [slabs[seq_id][0] + p for seq_id, start, end in spans for p in range(start, end)]
-
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
+    def _kernel_addressing(self, seq_ids: list[int], max_len: int) -> np.ndarray:
         """The start slot of each slab."""
-        return [self.slabs[s][0] for s in seq_ids], None
+        slabs = self.slabs
+        return np.array([slabs[s][0] for s in seq_ids], dtype=np.int32)
+
+    def _slots(self, addressing: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return addressing[rows].astype(np.int64) + positions
 
     def _extents(self) -> list[Extent]:
         extents = []

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import torch
 
 from minipaged import ops
 from minipaged.kv.accounting import Extent
 from minipaged.kv.base import KVCache, KVCacheFull, check_positive
-from minipaged.kv.block_allocator import BlockAllocator, BlockPool, blocks_needed
+from minipaged.kv.block_allocator import BlockAllocator, BlockPool, TableRows, blocks_needed
 from minipaged.kv.prefix_cache import PrefixCache
 from minipaged.ops.metadata import to_device
 
@@ -73,7 +74,8 @@ class PagedKVCache(KVCache):
         self.watermark_blocks = int(watermark * num_blocks)
         self.prefix_cache = PrefixCache(block_size, enable_prefix_caching)
         self.allocator = BlockAllocator(num_blocks, self.prefix_cache)
-        self.pool = BlockPool(self.allocator, self.k_caches, self.v_caches, "the KV cache")
+        self.pool = BlockPool(self.allocator, self.k_caches, self.v_caches, "the KV cache",
+                              rows=TableRows(blocks_needed(max_seq_len, block_size)))
         # Swap space: CPU blocks with their own reference counts (and no prefix cache).
         pin = self.device.type == "cuda"
         cpu_shape = (num_cpu_blocks, block_size, num_kv_heads, head_dim)
@@ -145,7 +147,7 @@ class PagedKVCache(KVCache):
             )
         for block in hits:
             self.allocator.share(block)
-        self.block_tables[seq_id] = hits + [self.allocator.allocate() for _ in range(new_blocks)]
+        self.pool.set_table(seq_id, hits + [self.allocator.allocate() for _ in range(new_blocks)])
         self.prefix_cache.add(seq_id, token_ids, self.block_tables[seq_id])
         self._num_tokens[seq_id], self._final_len[seq_id] = num_tokens, final_len
         return len(hits) * self.block_size
@@ -162,8 +164,9 @@ class PagedKVCache(KVCache):
     def can_append_many(self, appends: dict[int, int]) -> bool:
         needed, writers = 0, Counter()
         for seq_id, num_tokens in appends.items():
-            needed += self._blocks_to_grow(seq_id, num_tokens)
-            if self._needs_copy_on_write(seq_id):
+            grow, copy = self._growth(seq_id, num_tokens)
+            needed += grow
+            if copy:
                 writers[self.block_tables[seq_id][-1]] += 1
         # Of w sequences writing into one shared, partly filled block, each copies it, except the
         # last when no one else holds it any more: by then its count is down to one.
@@ -179,34 +182,35 @@ class PagedKVCache(KVCache):
         Returns the copy-on-write ``(src, dst)`` block copies made. Raises KVCacheFull (nothing
         changed) when there are not enough free blocks: the scheduler then preempts a sequence.
         """
-        grow, copy = self._blocks_to_grow(seq_id, num_tokens, token_ids), self._needs_copy_on_write(seq_id)
-        if grow + copy > self.num_free_blocks:
-            raise KVCacheFull(f"sequence {seq_id} needs {grow + copy} new blocks, only {self.num_free_blocks} are free")
+        grow, copy = self._growth(seq_id, num_tokens, token_ids)
         table = self.pool.tables[seq_id]
         copies = []
-        if copy:
-            shared = table[-1]
-            table[-1] = self.allocator.allocate()
-            self.allocator.release(shared)
-            copies.append((shared, table[-1]))
-            pair = to_device([shared, table[-1]], torch.int64, self.device).view(1, 2)
-            ops.copy_blocks(self.k_caches, self.v_caches, pair)
-        self._num_tokens[seq_id] += num_tokens
-        if grow:
+        if grow or copy:  # most appends fill the last block's free slots and take neither branch
+            if grow + copy > self.num_free_blocks:
+                raise KVCacheFull(f"sequence {seq_id} needs {grow + copy} new blocks, "
+                                  f"only {self.num_free_blocks} are free")
+            if copy:
+                shared = table[-1]
+                table[-1] = self.allocator.allocate()
+                self.allocator.release(shared)
+                copies.append((shared, table[-1]))
+                pair = to_device([shared, table[-1]], torch.int64, self.device).view(1, 2)
+                ops.copy_blocks(self.k_caches, self.v_caches, pair)
             table.extend(self.allocator.allocate() for _ in range(grow))
+            self.pool.changed(seq_id)
+        self._num_tokens[seq_id] += num_tokens
         if self.prefix_cache.enabled:
             self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
-    def _blocks_to_grow(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> int:
-        """New blocks past the end of the table (a copy-on-write replaces the last one, it does not add one)."""
+    def _growth(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> tuple[int, bool]:
+        """What appending ``num_tokens`` takes: new blocks past the end of the table, and whether the
+        last block is shared and partly filled, so that it must be copied first (a copy-on-write
+        replaces the last block, it does not add one)."""
         new_len = self._check_growth(seq_id, num_tokens, token_ids)
-        return blocks_needed(new_len, self._block_size) - len(self.pool.tables[seq_id])
-
-    def _needs_copy_on_write(self, seq_id: int) -> bool:
-        """Is the last block shared and partly filled, so that the next append must copy it?"""
-        return self._num_tokens[seq_id] % self._block_size != 0 and \
-            self.allocator.ref_counts[self.pool.tables[seq_id][-1]] > 1
+        table, bs = self.pool.tables[seq_id], self._block_size
+        copy = (new_len - num_tokens) % bs != 0 and self.allocator.ref_counts[table[-1]] > 1
+        return -(-new_len // bs) - len(table), copy
 
     def free(self, seq_id: int) -> None:
         if seq_id in self._swapped:
@@ -226,7 +230,7 @@ class PagedKVCache(KVCache):
         table = self.block_tables[parent_id]
         for block in table:
             self.allocator.share(block)
-        self.block_tables[child_id] = list(table)
+        self.pool.set_table(child_id, list(table))
         self._num_tokens[child_id], self._final_len[child_id] = self._num_tokens[parent_id], self._final_len[parent_id]
         self.prefix_cache.fork(parent_id, child_id)
 
@@ -267,26 +271,21 @@ class PagedKVCache(KVCache):
             ops.swap_blocks(src.k_caches[layer], dst.k_caches[layer], pairs)
             ops.swap_blocks(src.v_caches[layer], dst.v_caches[layer], pairs)
         for seq_id in seq_ids:
-            dst.tables[seq_id] = [mapping[block] for block in src.tables[seq_id]]
+            dst.set_table(seq_id, [mapping[block] for block in src.tables[seq_id]])
             src.free(seq_id)
 
     def blocks_in_use(self) -> tuple[int, int]:
         return sum(len(table) for table in self.block_tables.values()), self.num_blocks - self.num_free_blocks
 
     # -- addressing and accounting ---------------------------------------------------------
-    def _slots(self, spans: list[tuple[int, int, int]]) -> list[int]:
-        tables, bs = self.pool.tables, self._block_size
-        return [tables[seq_id][p // bs] * bs + p % bs for seq_id, start, end in spans for p in range(start, end)]
+    def _kernel_addressing(self, seq_ids: list[int], max_len: int) -> np.ndarray:
+        """The block tables ``[len(seq_ids), blocks of max_len]``, padded with block 0 (never read):
+        rows of the pool's copy (``TableRows``), not built from the lists."""
+        return self.pool.rows.take(seq_ids, blocks_needed(max_len, self._block_size))
 
-    def _kernel_addressing(self, seq_ids: list[int]) -> tuple[list[int], int | None]:
-        """The block tables ``[len(seq_ids), max_blocks]``, row after row, padded with block 0 (never read)."""
-        tables = [self.pool.tables[s] for s in seq_ids]
-        width = max(map(len, tables))
-        flat = []
-        for table in tables:
-            flat += table
-            flat += [0] * (width - len(table))
-        return flat, width
+    def _slots(self, addressing: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        bs = self._block_size
+        return addressing[rows, positions // bs].astype(np.int64) * bs + positions % bs
 
     def _extents(self) -> list[Extent]:
         if self.allocator.num_shared:

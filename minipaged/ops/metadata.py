@@ -24,21 +24,23 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 _TYPECODES = {torch.int32: "i", torch.int64: "q", torch.float64: "d"}  # array.array's names for them
+_NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float64: np.float64}
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` for a flat list of numbers, without
     waiting for the GPU (see ``to_device_many``)."""
     return to_device_many([(values, dtype)], device)[0]
 
 
-def to_device_many(columns: list[tuple[list, torch.dtype]], device: torch.device) -> list[Tensor]:
-    """Flat lists of numbers ``[(values, dtype), ...]`` as tensors on ``device``, in ONE copy,
-    without waiting for the GPU.
+def to_device_many(columns: list[tuple[list | np.ndarray, torch.dtype]], device: torch.device) -> list[Tensor]:
+    """Lists or numpy arrays of numbers ``[(values, dtype), ...]`` as flat tensors on ``device``,
+    in ONE copy, without waiting for the GPU.
 
     Copying a plain CPU tensor to the GPU first waits for every kernel already queued on the
     stream (the copy is synchronous for pageable memory). Staged through pinned memory, the copy
@@ -49,7 +51,11 @@ def to_device_many(columns: list[tuple[list, torch.dtype]], device: torch.device
     as typed views of the device buffer. A list becomes bytes through ``array.array``, three
     times faster than ``torch.tensor`` on a list of a few thousand integers.
     """
-    packed = [array(_TYPECODES[dtype], values).tobytes() for values, dtype in columns]
+    packed = [
+        values.astype(_NUMPY[dtype], copy=False).tobytes() if isinstance(values, np.ndarray)
+        else array(_TYPECODES[dtype], values).tobytes()
+        for values, dtype in columns
+    ]
     offsets, total = [], 0
     for data in packed:
         offsets.append(total)
@@ -84,3 +90,41 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         return self.query_start_loc is None
+
+
+@dataclass(frozen=True)
+class HostMetadata:
+    """``AttentionMetadata`` before it travels: the same facts as numpy arrays on the host, as the
+    cache builds them (``KVCache.host_metadata``). ``to_device`` sends them in one copy; a runner
+    that replays CUDA graphs writes them straight into its graphs' input buffers instead."""
+
+    slot_mapping: np.ndarray  # int64 [T]
+    context_lens: np.ndarray  # [S]
+    query_start_loc: np.ndarray | None  # [S + 1]; None: one new token each (decode)
+    addressing: np.ndarray  # int32: the block tables [S, max_blocks] (paged) or the slab starts [S] (contiguous)
+    max_context_len: int
+    max_query_len: int
+
+    @property
+    def paged(self) -> bool:
+        return self.addressing.ndim == 2
+
+    def to_device(
+        self, device: torch.device, extra: list[tuple[list | np.ndarray, torch.dtype]] = ()
+    ) -> tuple[AttentionMetadata, list[Tensor]]:
+        """The ``AttentionMetadata`` on ``device``, and the ``extra`` columns (the caller's own
+        inputs of the step), all in one copy (``to_device_many``)."""
+        decode = self.query_start_loc is None
+        slot_mapping, lens, addressing, query_starts, *rest = to_device_many(
+            [(self.slot_mapping, torch.int64), (self.context_lens, torch.int32), (self.addressing, torch.int32),
+             ([] if decode else self.query_start_loc, torch.int32), *extra], device)  # fmt: skip
+        metadata = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            context_lens=lens,
+            query_start_loc=None if decode else query_starts,
+            block_tables=addressing.view(self.addressing.shape) if self.paged else None,
+            starts=None if self.paged else addressing,
+            max_context_len=self.max_context_len,
+            max_query_len=self.max_query_len,
+        )
+        return metadata, rest
