@@ -246,6 +246,47 @@ def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache,
     assert generated(engine) == expected
 
 
+def test_a_graph_step_stages_its_inputs_padded_to_the_graph_in_one_copy():
+    """A step replayed from a CUDA graph writes its inputs into the graphs' buffers
+    (``StaticInputs``), padded to the graph's size, and takes a pending token from the device. No
+    graph is captured on a CPU, but the staging is the same code: three decode steps (the host
+    buffers take turns) on a graph of 4 rows, a stand-in for the graph itself."""
+    from types import SimpleNamespace
+
+    from minipaged.engine.model_runner import Graph, ModelRunner
+    from minipaged.engine.sequence import PENDING, PendingTokens
+    from minipaged.kv import PagedKVCache
+
+    cache = PagedKVCache(32, 4, max_seq_len=32)
+    runner = ModelRunner(SimpleNamespace(config=SimpleNamespace(vocab_size=8)), cache, max_num_seqs=4,
+                         use_cuda_graphs=False)
+    runner._make_static_inputs(4, [16])
+    cache.allocate(0, 6)
+    cache.allocate(1, 9)
+    logits = torch.arange(32.0).view(4, 8)
+    graph = Graph(SimpleNamespace(replay=lambda: None), logits, num_tokens=4, num_seqs=4, decode=True)
+    static = runner.inputs.tensors
+    for seq_ids in ([0, 1], [1], [1]):
+        for seq_id in seq_ids:
+            cache.append_slots(seq_id)
+        host = cache.host_metadata(seq_ids, [1] * len(seq_ids))
+        positions = [cache.num_tokens(s) - 1 for s in seq_ids]
+        input_ids = [3, PENDING][-len(seq_ids):]  # the last sequence's token is still on the device
+        pending = PendingTokens(torch.tensor([7, 8, 9]), {1: 2})
+        out = runner._replay(graph, input_ids, positions, host, list(range(len(seq_ids))), [len(seq_ids) - 1], [2],
+                             pending)
+        s = len(seq_ids)
+        assert torch.equal(out, logits[:s])
+        # The pending token, taken from pending.tokens[2]; padding rows get token 0, never an old PENDING.
+        assert runner.static_ids[:4].tolist() == [3, 9][-s:] + [0] * (4 - s)
+        assert runner.static_positions[:s].tolist() == positions
+        slots = [cache.slot_mapping(i, cache.num_tokens(i) - 1).item() for i in seq_ids]
+        assert static["slot_mapping"][:4].tolist() == slots + [-1] * (4 - s)  # padding rows write nothing
+        assert static["context_lens"][:4].tolist() == [cache.num_tokens(i) for i in seq_ids] + [1] * (4 - s)
+        tables = [cache.block_table(i) for i in seq_ids]
+        assert [row[: len(t)] for row, t in zip(static["block_tables"].tolist(), tables)] == tables
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_async_scheduling_queues_steps_without_waiting_and_changes_no_output():
