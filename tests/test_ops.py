@@ -815,7 +815,8 @@ def test_scale_is_honoured_by_every_attention_op():
 
 @needs_triton
 def test_index_tensors_and_q_may_be_views():
-    """Column views, strided tables and a q sliced out of a fused QKV projection."""
+    """Column views, strided tables, a q sliced out of a fused QKV projection and a q whose head
+    dimension is strided (before the check copied such a q, the kernel read it as contiguous)."""
     gen = torch.Generator().manual_seed(12)
     k, v, tables, lens = random_paged(3, 40, 2, 64, 8, torch.float32, gen, num_blocks=24)
     wide = torch.zeros(3, 2 * tables.shape[1], dtype=torch.int32, device=DEVICE)
@@ -827,6 +828,9 @@ def test_index_tensors_and_q_may_be_views():
     want = reference.paged_decode_attention(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu())
     assert rel_error(ops.paged_decode_attention(q, k, v, wide[:, ::2], lens_view), want) < 1e-5
     assert rel_error(ops.paged_decode_attention(q, k, v, tables.t().contiguous().t(), lens), want) < 1e-5
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, head dimension strided
+    assert q_strided.stride(-1) == 4
+    assert rel_error(ops.paged_decode_attention(q_strided, k, v, tables, lens), want) < 1e-5
     arena_k, arena_v = k.flatten(0, 1), v.flatten(0, 1)
     starts = torch.tensor([[0, 9], [60, 9], [120, 9]], dtype=torch.int32, device=DEVICE)[:, 0]
     out = ops.contiguous_decode_attention(q, arena_k, arena_v, starts, lens_view)
@@ -949,7 +953,7 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
 
     fused_plan = triton_attention._plan(
         num_seqs=3, num_tokens=3, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
-        fp32_dot=True, element_size=4, device=q.device, decode=True, max_context_len=90, max_query_len=1,
+        dtype=torch.float32, device=q.device, decode=True, max_context_len=90, max_query_len=1,
         partition_size=16, config=(("fuse_merge", 1),),
     )  # fmt: skip
     assert fused_plan.merge_meta is None
@@ -966,7 +970,7 @@ def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
     def plan(partitions):
         return triton_attention._plan(
             num_seqs=1, num_tokens=1, num_heads=32, head_dim=128, num_kv_heads=8, paged=True, block_size=16,
-            fp32_dot=False, element_size=2, device=torch.device("cpu"), decode=True,
+            dtype=torch.float16, device=torch.device("cpu"), decode=True,
             max_context_len=partitions * 256, max_query_len=1, partition_size=256, config=None,
         )  # fmt: skip
 

@@ -65,7 +65,7 @@ def check_index(tensor: object, name: str, shape: tuple[int, ...], device: torch
 
 def on_host(*tensors: Tensor) -> bool:
     """Whether the caller's tensors are all on the CPU, so reading their values costs no GPU sync."""
-    return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cpu for t in tensors)
 
 
 def check_range(values: Tensor, name: str, limit: int, what: str, allow_minus_one: bool = False) -> None:
@@ -87,14 +87,19 @@ def check_cache_pair(k_cache: object, v_cache: object, ndim: int, names: tuple[s
 
 
 def check_qkv(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_ndim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Shapes shared by every attention op: q ``[T, H, D]``, caches ``[..., H_kv, D]`` (4-D: paged)."""
+    """Shapes shared by every attention op: q ``[T, H, D]``, caches ``[..., H_kv, D]`` (4-D: paged).
+    The kernels read a head of q as one contiguous row: a q strided in its head dimension comes
+    back as a contiguous copy (any other strides are read as they are)."""
     q_ = check_tensor(q, "q", 3, FLOAT_DTYPES)
+    if q_.stride(-1) != 1:
+        q_ = q_.contiguous()
     names = ("k_cache", "v_cache") if cache_ndim == 4 else ("k_arena", "v_arena")
     k, v = check_cache_pair(k_cache, v_cache, cache_ndim, names)
     check_same(k, names[0], q_, "q")
     _, heads, head_dim = q_.shape
-    *_, kv_heads, kv_head_dim = k.shape
-    block_size = k.shape[1] if cache_ndim == 4 else 1
+    k_shape = k.shape  # each ``.shape`` builds a new torch.Size: read it once
+    kv_heads, kv_head_dim = k_shape[-2], k_shape[-1]
+    block_size = k_shape[1] if cache_ndim == 4 else 1
     fine = (
         head_dim > 0 and heads > 0 and kv_heads > 0 and kv_head_dim == head_dim and heads % kv_heads == 0
         and block_size > 0 and block_size & (block_size - 1) == 0

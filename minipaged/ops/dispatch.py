@@ -40,19 +40,18 @@ from minipaged.ops.metadata import AttentionMetadata
 logger = logging.getLogger("minipaged.ops")
 
 
-def triton_available(device: torch.device) -> bool:
-    """Whether Triton can run on tensors of this device."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+def triton_available(tensor: Tensor) -> bool:
+    """Whether Triton can run on this tensor's device. (``Tensor.is_cuda`` and ``is_cpu``, not
+    ``tensor.device.type``: that builds a device object and costs ~0.8 us, every call.)"""
+    return tensor.is_cuda or (tensor.is_cpu and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _use_triton(op: str, device: torch.device, not_covered: str | None = None) -> bool:
-    """The backend choice of every op: Triton when it runs on ``device`` and the kernel covers the
-    call (``not_covered``, when given, says why it does not); else the reference. Logged."""
+def _use_triton(op: str, tensor: Tensor, not_covered: str | None = None) -> bool:
+    """The backend choice of every op: Triton when it runs on ``tensor``'s device and the kernel
+    covers the call (``not_covered``, when given, says why it does not); else the reference. Logged."""
     why = not_covered
-    if why is None and not triton_available(device):
-        why = f"{device.type} tensors without TRITON_INTERPRET=1"
+    if why is None and not triton_available(tensor):
+        why = f"{tensor.device.type} tensors without TRITON_INTERPRET=1"
     if why is None:
         logger.debug("%s: triton", op)
         return True
@@ -62,13 +61,14 @@ def _use_triton(op: str, device: torch.device, not_covered: str | None = None) -
 
 def _attention_not_covered(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Why the attention kernel cannot take this call, or None when it can."""
+    num_tokens, _, head_dim = q.shape
     if q.dtype == torch.float64:
         return "float64 has no Triton matrix product"
-    if not 16 <= q.shape[-1] <= 256:
-        return f"head_dim {q.shape[-1]} outside 16..256"
+    if not 16 <= head_dim <= 256:
+        return f"head_dim {head_dim} outside 16..256"
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return "head dimension of the cache not contiguous"
-    if q.shape[0] == 0:
+    if num_tokens == 0:
         return "empty batch"
     return None
 
@@ -81,7 +81,7 @@ def write_to_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
     """Store ``key``/``value [T, H_kv, D]`` at slots ``slot_mapping [T]`` (-1 = skip), §5.1."""
     key, value, k_cache, v_cache, slots = check_write_to_cache(key, value, k_cache, v_cache, slot_mapping)
     strided = any(t.stride(-1) != 1 for t in (key, value, k_cache, v_cache))
-    if _use_triton("write_to_cache", k_cache.device, "head dimension not contiguous" if strided else None):
+    if _use_triton("write_to_cache", k_cache, "head dimension not contiguous" if strided else None):
         triton_cache.write_to_cache(key, value, k_cache, v_cache, slots)
     else:
         reference.write_to_cache(key, value, k_cache, v_cache, slots)
@@ -93,7 +93,7 @@ def copy_blocks(k_caches: list[Tensor], v_caches: list[Tensor], block_mapping: T
     if mapping is None:  # no layers
         return
     contiguous = all(cache.is_contiguous() for cache in (*k_caches, *v_caches))
-    if _use_triton("copy_blocks", k_caches[0].device, None if contiguous else "caches not contiguous"):
+    if _use_triton("copy_blocks", k_caches[0], None if contiguous else "caches not contiguous"):
         triton_cache.copy_blocks(k_caches, v_caches, mapping)
     else:
         reference.copy_blocks(k_caches, v_caches, mapping)
@@ -125,7 +125,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, max_context_len
     )
     scale = _scale(q, scale)
-    if not _use_triton("paged_decode_attention", q.device, _attention_not_covered(q, k_cache, v_cache)):
+    if not _use_triton("paged_decode_attention", q, _attention_not_covered(q, k_cache, v_cache)):
         return reference.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale)
     bound = tables.shape[1] * k_cache.shape[1] if max_context_len is None else max_context_len
     return triton_attention.attention(
@@ -152,7 +152,7 @@ def contiguous_decode_attention(
         q, k_arena, v_arena, starts, context_lens, max_context_len
     )
     scale = _scale(q, scale)
-    if not _use_triton("contiguous_decode_attention", q.device, _attention_not_covered(q, k_arena, v_arena)):
+    if not _use_triton("contiguous_decode_attention", q, _attention_not_covered(q, k_arena, v_arena)):
         return reference.contiguous_decode_attention(q, k_arena, v_arena, starts, lens, scale=scale)
     bound = int(lens.max()) if max_context_len is None else max_context_len
     return triton_attention.attention(
@@ -186,7 +186,7 @@ def paged_prefill_attention(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_context_len, max_query_len
     )
     scale = _scale(q, scale)
-    if not _use_triton("paged_prefill_attention", q.device, _attention_not_covered(q, k_cache, v_cache)):
+    if not _use_triton("paged_prefill_attention", q, _attention_not_covered(q, k_cache, v_cache)):
         return reference.paged_prefill_attention(q, k_cache, v_cache, tables, lens, query_starts, scale=scale)
     return triton_attention.attention(
         q, k_cache, v_cache, block_tables=tables, context_lens=lens, query_start_loc=query_starts,
@@ -211,7 +211,7 @@ def attention(
     scale = _scale(q, scale)
     cache = "paged" if metadata.block_tables is not None else "contiguous"
     op = f"attention ({cache}, {'decode' if metadata.is_decode else 'prefill'})"
-    if not _use_triton(op, q.device, _attention_not_covered(q, k_cache, v_cache)):
+    if not _use_triton(op, q, _attention_not_covered(q, k_cache, v_cache)):
         return reference.attention(q, k_cache, v_cache, metadata, scale=scale)
     return triton_attention.attention(
         q, k_cache, v_cache, block_tables=metadata.block_tables, starts=metadata.starts,
@@ -236,7 +236,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     add and the next norm in one kernel. New tensors; the inputs are not modified."""
     x, weight, residual = check_rms_norm(x, weight, eps, residual)
     too_wide = f"hidden size above {MAX_FUSED_HIDDEN}" if x.shape[1] > MAX_FUSED_HIDDEN else None
-    if _use_triton("rms_norm", x.device, _float64_not_covered(x) or too_wide):
+    if _use_triton("rms_norm", x, _float64_not_covered(x) or too_wide):
         return triton_layers.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
@@ -250,7 +250,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
     """
     q, k, cos, sin, positions = check_rotary(q, k, cos, sin, positions)
     strided = "head dimension not contiguous" if q.stride(-1) != 1 or k.stride(-1) != 1 else None
-    if _use_triton("rotary", q.device, _float64_not_covered(q) or strided):
+    if _use_triton("rotary", q, _float64_not_covered(q) or strided):
         return triton_layers.rotary(q, k, cos, sin, positions)
     return reference.rotary(q, k, cos, sin, positions)
 
@@ -258,6 +258,6 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's gate, ``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``, in one kernel."""
     gate, up = check_silu_and_mul(gate, up)
-    if _use_triton("silu_and_mul", gate.device, _float64_not_covered(gate)):
+    if _use_triton("silu_and_mul", gate, _float64_not_covered(gate)):
         return triton_layers.silu_and_mul(gate, up)
     return reference.silu_and_mul(gate, up)

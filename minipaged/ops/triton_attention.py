@@ -396,9 +396,9 @@ def choose_partition_size(
     return min(size, whole)
 
 
-def _fp32_dot(q: Tensor) -> bool:
+def _fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """The kernel's ``FP32_DOT`` switch (why: see ``_dot``)."""
-    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
 
 
 def _launch_config(num_seqs: int, num_kv_heads: int, row_bytes: int, device: torch.device) -> dict[str, int]:
@@ -480,8 +480,7 @@ def _plan(
     num_kv_heads: int,
     paged: bool,
     block_size: int,
-    fp32_dot: bool,
-    element_size: int,
+    dtype: torch.dtype,
     device: torch.device,
     decode: bool,
     max_context_len: int,
@@ -491,11 +490,12 @@ def _plan(
 ) -> _Plan:
     """The launch plan of a call, cached: a call with the same shapes (every decode step of an
     engine at one batch size and context bound) reuses it instead of redoing the arithmetic."""
+    fp32_dot = _fp32_dot(dtype, device)
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     head_dim_pad = next_power_of_2(head_dim)
     if decode:
-        row_bytes = head_dim_pad * (4 if fp32_dot else element_size)
+        row_bytes = head_dim_pad * (4 if fp32_dot else dtype.itemsize)
         settings = _launch_config(num_seqs, num_kv_heads, row_bytes, device)
     else:
         settings = _prefill_config(head_dim_pad, fp32_dot, device, max_query_len)
@@ -570,13 +570,13 @@ def attention(
     _, num_heads, head_dim = q.shape
     plan = _plan(
         num_seqs, q.shape[0], num_heads, head_dim, k_cache.shape[-2], paged, k_cache.shape[1] if paged else 1,
-        _fp32_dot(q), q.element_size(), q.device, decode, max_context_len, max_query_len,
+        q.dtype, q.device, decode, max_context_len, max_query_len,
         partition_size, None if config is None else tuple(config.items()),
     )  # fmt: skip
 
     # q may be a view (the model's fused QKV product): the kernel reads it through its strides
     # and writes ``out`` through its own.
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    out = torch.empty_like(q) if out is None else out  # a third of torch.empty(q.shape, ...)'s host time
     # Triton wants a tensor for every pointer argument, also for those a constexpr switch leaves
     # unread: the block table or the slab starts (PAGED), the query starts (DECODE), the split-K
     # partials (SPLIT) and the merge's counters (MERGE). Those get a tensor already at hand
