@@ -44,6 +44,7 @@ import csv
 import functools
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -159,15 +160,21 @@ def cuda_graph_timer(fn: Callable[[], object], reps: int = 60) -> float:
     return times[reps // 2] / 1e3
 
 
-def host_overhead(fn: Callable[[], object], calls: int = 30) -> float:
-    """Seconds of CPU time per call to issue ``fn`` (launches are queued, not awaited)."""
+def host_overhead(fn: Callable[[], object], calls: int = 40, rounds: int = 7) -> float:
+    """Seconds of CPU time per call to issue ``fn`` (launches are queued, not awaited): the
+    median of ``rounds`` rounds of ``calls`` calls, the GPU drained before each round (so the
+    queue never fills and makes the host wait). The GPU machine's host is noisy: one round of
+    30 calls read anywhere from 37 to 97 us for the same call."""
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+    per_call = []
+    for _ in range(rounds):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
 
 
 def python_host_time(fn: Callable[[], object], calls: int = 200) -> float:
