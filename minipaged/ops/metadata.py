@@ -14,9 +14,10 @@ The two caches differ in exactly one field, which is ``None`` in the other mode:
 
 So the engine never asks which cache it holds: it passes this object to ``ops.attention``.
 
-The cache builds it from Python lists with ``to_device_many`` (one copy for all its lists),
-which does not wait for the GPU: the engine prepares one step while the GPU still runs the one
-before (``minipaged.engine.llm``).
+The cache builds it on the host as numpy arrays (``HostMetadata``) and sends them with
+``to_device_many`` (one copy for all of them), which does not wait for the GPU: the engine
+prepares one step while the GPU still runs the one before (``minipaged.engine.llm``). A runner
+that replays CUDA graphs writes the host arrays straight into its graphs' input buffers instead.
 """
 
 from __future__ import annotations
