@@ -246,6 +246,31 @@ def test_on_the_gpu_with_cuda_graphs_greedy_output_equals_transformers(kv_cache,
     assert generated(engine) == expected
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_a_step_of_thousands_of_prompt_tokens_replays_a_graph():
+    """24 prompts of 90 tokens are admitted in one step of 2,160 new tokens, which replays the
+    3,072-token graph (padded), and every request's greedy tokens equal transformers'."""
+    hf_model = random_model(LlamaConfig(**BASE, **CONFIGS["gqa-tied"]), seed=1, device="cuda",
+                            dtype=torch.float32)[1]
+    prompts = torch.randint(0, BASE["vocab_size"], (24, 90), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = llm(hf_model, device="cuda", block_size=16, num_blocks=24 * 7, max_num_seqs=32)
+    assert max(engine.engine.runner.prefill_graphs) == 8192  # the default step budget
+    assert generated(engine, prompts) == [hf_greedy(hf_model, p) for p in prompts]
+    assert engine.stats.steps[0].num_batched_tokens == 24 * 90
+
+
+def test_prefill_graphs_cover_every_step_up_to_the_budget():
+    from minipaged.engine.model_runner import MAX_GRAPH_TOKENS, graph_token_counts
+
+    assert graph_token_counts(8192)[-1] == 8192 == MAX_GRAPH_TOKENS
+    assert graph_token_counts(5000)[-3:] == [3072, 4096, 5000]
+    assert graph_token_counts(100_000)[-1] == MAX_GRAPH_TOKENS  # larger steps run eagerly
+    assert graph_token_counts(48) == [16, 32, 48]
+    counts = graph_token_counts(8192)
+    assert all(b <= 2 * a for a, b in zip(counts, counts[1:]))  # padding is at most half a step
+
+
 def test_a_graph_step_stages_its_inputs_padded_to_the_graph_in_one_copy():
     """A step replayed from a CUDA graph writes its inputs into the graphs' buffers
     (``StaticInputs``), padded to the graph's size, and takes a pending token from the device. No

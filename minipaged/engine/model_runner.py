@@ -20,11 +20,13 @@ the graph of the smallest size that holds it, padded:
   one token; the attention grid is sized for ``max_model_len`` tokens of context, and each
   program stops at its sequence's real length.
 * steps with new prompt tokens (prefills, chunks, a decode batch with a newcomer's prompt), one
-  graph per token count (16, 32, 64, ..., up to 1024 or ``max_num_batched_tokens``) with room
-  for as many sequences (at most ``max_num_seqs``). Padding sequences bring no new tokens and
-  padding tokens belong to no sequence; the prefill kernel's grid depends only on the two
-  counts (``ops.triton_attention._find_sequence``), so any step up to them fits. Larger steps
-  run eagerly: their matrix products keep the GPU busy longer than the launches keep the host.
+  graph per token count (16, 32, 64, ..., up to ``max_num_batched_tokens``, at most 8192) with
+  room for as many sequences (at most ``max_num_seqs``). Padding sequences bring no new tokens
+  and padding tokens belong to no sequence; the prefill kernel's grid depends only on the two
+  counts (``ops.triton_attention._find_sequence``), so any step up to them fits. Even a full
+  8192-token step of a small model waits on the host when launched from Python (SmolLM2-135M on
+  an H200: 16-20 ms a step, for a few ms of GPU work; notes/engine.md), so with the default
+  budget no step runs eagerly.
 
 **Not waiting.** Nothing in a step reads the GPU back: its inputs travel through pinned memory
 in one copy (a graph's, ``StaticInputs``; an eager step's, ``ops.metadata.to_device_many``),
@@ -54,7 +56,7 @@ from minipaged.kv.block_allocator import blocks_needed
 from minipaged.ops import AttentionMetadata
 from minipaged.ops.metadata import HostMetadata
 
-MAX_GRAPH_TOKENS = 1024  # the largest step with new prompt tokens that replays a graph
+MAX_GRAPH_TOKENS = 8192  # the largest step with new prompt tokens that replays a graph
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -67,11 +69,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
 
 
+GRAPH_TOKEN_COUNTS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168)
+
+
 def graph_token_counts(max_num_batched_tokens: int) -> list[int]:
-    """The token counts prefill graphs are captured for: 16, 32, 64, 128, 256, 384, 512, 768, 1024
-    (at most ``max_num_batched_tokens``). Padding costs at most half a step's matrix products."""
+    """The token counts prefill graphs are captured for: 16, 32, 64, 128, 256, 384, 512, 768, 1024,
+    1536, 2048, then every 1024, and the step budget ``max_num_batched_tokens`` itself (at most
+    ``MAX_GRAPH_TOKENS``). A step replays the smallest that holds it: padding costs at most half
+    a step's matrix products, and at most a quarter above 4096 tokens."""
     limit = min(max_num_batched_tokens, MAX_GRAPH_TOKENS)
-    return [t for t in (16, 32, 64, 128, 256, 384, 512, 768) if t < limit] + [limit]
+    return [t for t in GRAPH_TOKEN_COUNTS if t < limit] + [limit]
 
 
 @dataclass(frozen=True)
@@ -329,7 +336,8 @@ class ModelRunner:
 def _first(metadata: AttentionMetadata, num_tokens: int, num_seqs: int, decode: bool) -> AttentionMetadata:
     """The static metadata of a graph: views of the first ``num_tokens`` tokens and ``num_seqs``
     sequences. The prefill kernel's tiles are picked for ``num_tokens`` new tokens of one sequence
-    (``ops.triton_attention._prefill_config``), below the long-prompt tiles' 2048."""
+    (``ops.triton_attention._prefill_config``): graphs of 2048 tokens and more take the
+    long-prompt tiles."""
     return AttentionMetadata(
         slot_mapping=metadata.slot_mapping[:num_tokens],
         context_lens=metadata.context_lens[:num_seqs],
