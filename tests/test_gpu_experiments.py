@@ -49,3 +49,24 @@ def test_preemption_runs_on_a_cpu_with_a_small_model():
     assert all(row[key] > 0 for row in rows for key in ("recompute_ms", "swap_one_transfer_ms", "swap_per_block_ms"))
     fig = preemption.figure(rows, "CPU")
     assert fig.axes[0].get_xlabel() == "block size (tokens)"
+
+
+@pytest.mark.parametrize("min_seconds, passes", [(0.0, 1), (1e9, throughput.MAX_PASSES)])
+def test_a_throughput_cell_reports_the_median_of_an_odd_number_of_passes(monkeypatch, min_seconds, passes):
+    """On a CPU, with the GPU's synchronisation stubbed: a cell measured long enough after one pass
+    runs one; one never measured long enough runs the most passes; the reported pass is the median."""
+    from transformers import LlamaConfig
+
+    from minipaged.model import random_model
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(throughput, "MIN_SECONDS", min_seconds)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    hf_model = random_model(config, device="cpu", dtype=torch.float32)[1]
+    work = throughput.Workload("tiny", [8] * 3, [4] * 3)
+    row = throughput.run_minipaged(hf_model, "paged", work, 1024, max_num_seqs=4)
+    assert row["passes"] == passes and passes % 2 == 1
+    assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    assert row["tokens_per_s"] == pytest.approx(12 / row["seconds"])  # 3 requests x 4 tokens, of the median pass
