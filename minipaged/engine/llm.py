@@ -131,6 +131,8 @@ class Draws:
 
     sampling: list[ScheduledSequence]
     rows: list[tuple[int, ScheduledSequence, int]]  # per token: (logits row, item, sample index)
+    groups_of_one: bool = True  # every sequence that sampled is its request's only one (no n > 1, no beams)
+    forks: bool = False  # a request's first token with n > 1: some rows are new samples to fork
     tokens: Tensor | None = None  # int64 [len(rows)], on the logits' device
     beams: list[tuple[SequenceGroup, Tensor]] = field(default_factory=list)  # (group, its beams' log-probs)
     _host: tuple[Tensor, Tensor] | None = None
@@ -278,18 +280,23 @@ class LLMEngine:
         beams' continuations. The tokens start on their way to the host; ``_apply`` takes them."""
         rows: list[tuple[int, ScheduledSequence, int]] = []  # (logits row, item, sample index)
         beams: dict[int, tuple[SequenceGroup, list[int]]] = {}  # a beam search's rows, all its beams
+        groups_of_one, forks = True, False
         for row, item in enumerate(sampling):
-            if item.group.is_beam_search:
-                beams.setdefault(item.group.request_id, (item.group, []))[1].append(row)
-            elif len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # a request's first token: n draws
-                rows += [(row, item, index) for index in range(item.group.width)]
+            group = item.group
+            if group.is_beam_search:
+                beams.setdefault(group.request_id, (group, []))[1].append(row)
+            elif group.width == 1:  # most rows: one draw for the sequence itself
+                rows.append((row, item, item.seq.index))
+            elif len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # a first token with n > 1: n draws
+                rows += [(row, item, index) for index in range(group.width)]
+                groups_of_one, forks = False, True
             else:
                 rows.append((row, item, item.seq.index))
-        draws = Draws(sampling, rows)
+                groups_of_one = False
+        draws = Draws(sampling, rows, groups_of_one and not beams, forks)
         if rows:
-            batch = sampling_batch([(item.seq.params, item.seq.seed, index, len(item.seq.token_ids))
-                                    for _, item, index in rows], logits.shape[-1], logits.device)
-            one_each = all(row == i for i, (row, _, _) in enumerate(rows))  # then no index to copy to the device
+            batch = sampling_batch([(item.seq, index) for _, item, index in rows], logits.shape[-1], logits.device)
+            one_each = not forks and not beams  # then row i is token i: no index to copy to the device
             tokens, logprobs = sample(logits[: len(rows)] if one_each else logits[[row for row, _, _ in rows]], batch)
             draws.send(tokens, logprobs)
         draws.beams = [(group, torch.log_softmax(logits[beam_rows].float(), dim=-1))
@@ -299,8 +306,7 @@ class LLMEngine:
     def _may_overlap(self, draws: Draws) -> bool:
         """Can the next step be scheduled before these tokens reach the host? Only when every
         sequence just appends its token: no forks (``n > 1``), no beams, no prefix hashing."""
-        return self.async_scheduling and not self.cache.uses_token_ids and not draws.beams and all(
-            item.group.width == 1 for item in draws.sampling)
+        return self.async_scheduling and not self.cache.uses_token_ids and draws.groups_of_one
 
     def _mark_pending(self, draws: Draws) -> PendingTokens:
         """Before the tokens of ``draws`` are known: each sequence that goes on gets a ``PENDING``
@@ -320,19 +326,24 @@ class LLMEngine:
         start = time.perf_counter()
         tokens, logprobs = draws.receive()
         waited = time.perf_counter()
-        # Children first: they take the prompt as it is, before its first sample joins it.
-        seqs = [self._fork(item.group, item.seq, index) if index != item.seq.index else item.seq
-                for _, item, index in draws.rows]
-        for (_, item, _), seq in zip(draws.rows, seqs):
-            if seq is not item.seq:
-                item.group.seqs.append(seq)
+        if draws.forks:  # children first: they take the prompt as it is, before its first sample joins it
+            seqs = [self._fork(item.group, item.seq, index) if index != item.seq.index else item.seq
+                    for _, item, index in draws.rows]
+            for (_, item, _), seq in zip(draws.rows, seqs):
+                if seq is not item.seq:
+                    item.group.seqs.append(seq)
+        else:
+            seqs = [item.seq for _, item, _ in draws.rows]
+        ended: dict[int, SequenceGroup] = {}  # groups that may have finished: one of theirs stopped
         for (_, item, _), seq, token, logprob in zip(draws.rows, seqs, tokens, logprobs, strict=True):
-            if seq.finish_reason is None:  # else it stopped a step earlier and this token is not wanted
-                self._extend(item.group, seq, token, logprob)
+            # A sequence that stopped a step earlier does not want this token.
+            if seq.finish_reason is None and self._extend(item.group, seq, token, logprob):
+                ended[item.group.request_id] = item.group
         for group, beam_logprobs in draws.beams:
             self._beam_step(group, beam_logprobs)
+            ended[group.request_id] = group
         finished = []
-        for group in {item.group.request_id: item.group for item in draws.sampling}.values():
+        for group in ended.values():
             if not group.seqs and group.status is not Status.FINISHED:
                 self.scheduler.finish(group)
                 finished.append(group)
@@ -348,21 +359,23 @@ class LLMEngine:
         group.forks.append((parent, child))
         return child
 
-    def _extend(self, group: SequenceGroup, seq: Sequence, token: int, logprob: float) -> None:
+    def _extend(self, group: SequenceGroup, seq: Sequence, token: int, logprob: float) -> bool:
         """Append a sampled token (in place of its ``PENDING``); a sequence that stops leaves the
-        group's live sequences."""
+        group's live sequences (then True)."""
         if seq.token_ids[-1] == PENDING:
             seq.token_ids[-1] = token
         else:
             seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
-        if self._check_stop(seq, token):
-            group.seqs.remove(seq)
-            group.finished.append(seq)
-            if any(child is seq for _, child in group.forks):  # never reached the cache: nothing to free
-                group.forks = [(parent, child) for parent, child in group.forks if child is not seq]
-            else:
-                group.dropped.append(seq)
+        if not self._check_stop(seq, token):
+            return False
+        group.seqs.remove(seq)
+        group.finished.append(seq)
+        if any(child is seq for _, child in group.forks):  # never reached the cache: nothing to free
+            group.forks = [(parent, child) for parent, child in group.forks if child is not seq]
+        else:
+            group.dropped.append(seq)
+        return True
 
     def _beam_step(self, group: SequenceGroup, logprobs: Tensor) -> None:
         """One beam-search step for ``group``, whose live beams produced ``logprobs`` ``[B, V]``."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from minipaged.engine.sequence import Sequence
 from minipaged.ops.metadata import to_device
 
 _MASK32 = 0xFFFFFFFF
@@ -35,19 +36,19 @@ class SamplingBatch:
     positions: Tensor  # int64 [B]: the position of the token being sampled (its index in the sequence)
 
 
-def sampling_batch(
-    rows: list[tuple[object, int, int, int]], vocab_size: int, device: torch.device
-) -> SamplingBatch | None:
-    """The settings of rows ``(params, request seed, sample index, position)`` on ``device`` in
-    one copy; None when every row is greedy (checked first: most steps, nothing else is done)."""
-    if all(params.temperature == 0 for params, _, _, _ in rows):
+def sampling_batch(rows: list[tuple[Sequence, int]], vocab_size: int, device: torch.device) -> SamplingBatch | None:
+    """The settings of rows ``(sequence, sample index)`` on ``device`` in one copy (each row
+    samples the token at position ``len(sequence.token_ids)``); None when every row is greedy
+    (checked first: most steps, nothing else is done)."""
+    if all(seq.params.temperature == 0 for seq, _ in rows):
         return None
+    params = [seq.params for seq, _ in rows]
     columns = to_device([  # float64 holds every seed (< 2**31) and position exactly
-        *[params.temperature for params, _, _, _ in rows],
-        *[params.top_k if params.top_k > 0 else vocab_size for params, _, _, _ in rows],
-        *[params.top_p for params, _, _, _ in rows],
-        *[child_seed(seed, index) for _, seed, index, _ in rows],
-        *[position for _, _, _, position in rows],
+        *[p.temperature for p in params],
+        *[p.top_k if p.top_k > 0 else vocab_size for p in params],
+        *[p.top_p for p in params],
+        *[child_seed(seq.seed, index) for seq, index in rows],
+        *[len(seq.token_ids) for seq, _ in rows],
     ], torch.float64, device).view(5, len(rows))
     temperatures, top_ks, top_ps, seeds, positions = columns
     return SamplingBatch(temperatures.float(), top_ks.long(), top_ps.float(), seeds.long(), positions.long())

@@ -90,6 +90,7 @@ class Scheduler:
     ) -> None:
         assert preemption_mode in PREEMPTION_MODES, preemption_mode  # validated by the caller
         self.cache = cache
+        self.uses_token_ids = cache.uses_token_ids  # fixed for a cache's life (prefix caching on or off)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.preemption_mode = preemption_mode
         self.waiting: deque[SequenceGroup] = deque()
@@ -132,19 +133,26 @@ class Scheduler:
             if (group.forks or group.dropped) and not self._catch_up(group):
                 self._preempt_one(index)  # if that was this group, the next one takes its index
                 continue
-            appends = self._next_tokens(group, budget)
-            # A group's growth is checked whole first. A single sequence (most groups) just tries:
-            # append_slots raises KVCacheFull and changes nothing, one look at its table instead of two.
-            if len(appends) > 1 and not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
-                self._preempt_one(index)
-                continue
-            try:
-                for seq, n in appends:  # only the first can fail, with nothing changed (see above)
+            if len(group.seqs) == 1:  # most groups: one sequence, which just tries to grow
+                seq = group.seqs[0]
+                n = len(seq.token_ids) - seq.num_cached
+                if n > budget:
+                    n = budget
+                if n > 0:
+                    try:  # KVCacheFull changes nothing: one look at its table instead of two
+                        scheduled.append(self._append(group, seq, n))
+                    except KVCacheFull:
+                        self._preempt_one(index)
+                        continue
+                    budget -= n
+            else:  # several sequences grow all or none: their growth is checked first
+                appends = self._next_tokens(group, budget)
+                if not self.cache.can_append_many({seq.seq_id: n for seq, n in appends}):
+                    self._preempt_one(index)
+                    continue
+                for seq, n in appends:
                     scheduled.append(self._append(group, seq, n))
                     budget -= n
-            except KVCacheFull:
-                self._preempt_one(index)
-                continue
             index += 1
         seats = sum(group.width for group in self.running)
 
@@ -196,10 +204,6 @@ class Scheduler:
     # -- what a group feeds ----------------------------------------------------------------
     def _next_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
         """``(sequence, tokens to feed)`` for a group in the cache, within ``budget`` tokens."""
-        if len(group.seqs) == 1:  # most groups: the loop below, without its bookkeeping (this runs per step)
-            seq = group.seqs[0]
-            n = len(seq.token_ids) - seq.num_cached
-            return [(seq, n if n <= budget else budget)] if n > 0 else []
         targets = self._targets(group)
         out = []
         for seq, target in zip(group.seqs, targets):
@@ -232,13 +236,16 @@ class Scheduler:
         return chunks
 
     def _token_ids(self, seq: Sequence, start: int, num: int) -> list[int] | None:
-        return seq.token_ids[start:start + num] if self.cache.uses_token_ids else None
+        return seq.token_ids[start:start + num] if self.uses_token_ids else None
 
     def _append(self, group: SequenceGroup, seq: Sequence, num_new: int) -> ScheduledSequence:
-        """Room in the cache for a running sequence's next ``num_new`` tokens."""
-        self.cache.append_slots(seq.seq_id, num_new, self._token_ids(seq, seq.num_cached, num_new))
-        seq.num_cached += num_new
-        return ScheduledSequence.of(group, seq, num_new)
+        """Room in the cache for a running sequence's next ``num_new`` tokens (every running
+        sequence, every step: written out flat, one call into the cache)."""
+        start = seq.num_cached
+        self.cache.append_slots(seq.seq_id, num_new,
+                                seq.token_ids[start:start + num_new] if self.uses_token_ids else None)
+        seq.num_cached = start + num_new
+        return ScheduledSequence(seq, group, num_new, start + num_new == len(seq.token_ids))
 
     # -- memory ----------------------------------------------------------------------------
     def _catch_up(self, group: SequenceGroup) -> bool:

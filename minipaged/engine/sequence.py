@@ -173,11 +173,9 @@ class SequenceGroup:
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child): not yet in the cache
     dropped: list[Sequence] = field(default_factory=list)  # left ``seqs``, still in the cache until the next step
     finished: list[Sequence] = field(default_factory=list)  # completed samples, or beam hypotheses (best first)
+    # Fixed by ``params``; plain attributes, not properties, because every step reads them per group.
+    width: int = field(init=False)
+    is_beam_search: bool = field(init=False)
 
-    @property
-    def width(self) -> int:
-        return self.params.n
-
-    @property
-    def is_beam_search(self) -> bool:
-        return isinstance(self.params, BeamSearchParams)
+    def __post_init__(self) -> None:
+        self.width, self.is_beam_search = self.params.n, isinstance(self.params, BeamSearchParams)

@@ -164,10 +164,12 @@ class PagedKVCache(KVCache):
     def can_append_many(self, appends: dict[int, int]) -> bool:
         needed, writers = 0, Counter()
         for seq_id, num_tokens in appends.items():
-            grow, copy = self._growth(seq_id, num_tokens)
+            new_len = self._check_growth(seq_id, num_tokens)
+            table = self.block_tables[seq_id]
+            grow, copy = self._growth(table, new_len, num_tokens)
             needed += grow
             if copy:
-                writers[self.block_tables[seq_id][-1]] += 1
+                writers[table[-1]] += 1
         # Of w sequences writing into one shared, partly filled block, each copies it, except the
         # last when no one else holds it any more: by then its count is down to one.
         ref_counts = self.allocator.ref_counts
@@ -182,10 +184,13 @@ class PagedKVCache(KVCache):
         Returns the copy-on-write ``(src, dst)`` block copies made. Raises KVCacheFull (nothing
         changed) when there are not enough free blocks: the scheduler then preempts a sequence.
         """
-        grow, copy = self._growth(seq_id, num_tokens, token_ids)
+        new_len = self._check_growth(seq_id, num_tokens, token_ids)
         table = self.pool.tables[seq_id]
         copies = []
-        if grow or copy:  # most appends fill the last block's free slots and take neither branch
+        # Every running sequence appends every step, so the common case comes first: the new
+        # tokens fit the table's last block, and no one else holds it (one look, no call).
+        if new_len > len(table) * self._block_size or self.allocator.ref_counts[table[-1]] > 1:
+            grow, copy = self._growth(table, new_len, num_tokens)
             if grow + copy > self.num_free_blocks:
                 raise KVCacheFull(f"sequence {seq_id} needs {grow + copy} new blocks, "
                                   f"only {self.num_free_blocks} are free")
@@ -198,17 +203,17 @@ class PagedKVCache(KVCache):
                 ops.copy_blocks(self.k_caches, self.v_caches, pair)
             table.extend(self.allocator.allocate() for _ in range(grow))
             self.pool.changed(seq_id)
-        self._num_tokens[seq_id] += num_tokens
+        self._num_tokens[seq_id] = new_len
         if self.prefix_cache.enabled:
             self.prefix_cache.extend(seq_id, token_ids, table)
         return copies
 
-    def _growth(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> tuple[int, bool]:
-        """What appending ``num_tokens`` takes: new blocks past the end of the table, and whether the
-        last block is shared and partly filled, so that it must be copied first (a copy-on-write
-        replaces the last block, it does not add one)."""
-        new_len = self._check_growth(seq_id, num_tokens, token_ids)
-        table, bs = self.pool.tables[seq_id], self._block_size
+    def _growth(self, table: list[int], new_len: int, num_tokens: int) -> tuple[int, bool]:
+        """What growing a sequence with block table ``table`` by ``num_tokens`` to ``new_len``
+        tokens takes: new blocks past the end of the table, and whether the last block is shared
+        and partly filled, so that it must be copied first (a copy-on-write replaces the last
+        block, it does not add one)."""
+        bs = self._block_size
         copy = (new_len - num_tokens) % bs != 0 and self.allocator.ref_counts[table[-1]] > 1
         return -(-new_len // bs) - len(table), copy
 
@@ -275,7 +280,7 @@ class PagedKVCache(KVCache):
             src.free(seq_id)
 
     def blocks_in_use(self) -> tuple[int, int]:
-        return sum(len(table) for table in self.block_tables.values()), self.num_blocks - self.num_free_blocks
+        return sum(map(len, self.block_tables.values())), self.num_blocks - self.num_free_blocks
 
     # -- addressing and accounting ---------------------------------------------------------
     def _kernel_addressing(self, seq_ids: list[int], max_len: int) -> np.ndarray:
