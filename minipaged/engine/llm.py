@@ -280,20 +280,18 @@ class LLMEngine:
         beams' continuations. The tokens start on their way to the host; ``_apply`` takes them."""
         rows: list[tuple[int, ScheduledSequence, int]] = []  # (logits row, item, sample index)
         beams: dict[int, tuple[SequenceGroup, list[int]]] = {}  # a beam search's rows, all its beams
-        groups_of_one, forks = True, False
+        several, forks = False, False  # a group of several sequences sampled; one of them forks
         for row, item in enumerate(sampling):
             group = item.group
+            several = several or group.width > 1
             if group.is_beam_search:
                 beams.setdefault(group.request_id, (group, []))[1].append(row)
-            elif group.width == 1:  # most rows: one draw for the sequence itself
-                rows.append((row, item, item.seq.index))
-            elif len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # a first token with n > 1: n draws
+            elif group.width > 1 and len(item.seq.token_ids) == item.seq.num_prompt_tokens:  # first token: n draws
                 rows += [(row, item, index) for index in range(group.width)]
-                groups_of_one, forks = False, True
-            else:
+                forks = True
+            else:  # one draw for the sequence itself
                 rows.append((row, item, item.seq.index))
-                groups_of_one = False
-        draws = Draws(sampling, rows, groups_of_one and not beams, forks)
+        draws = Draws(sampling, rows, not several and not beams, forks)
         if rows:
             batch = sampling_batch([(item.seq, index) for _, item, index in rows], logits.shape[-1], logits.device)
             one_each = not forks and not beams  # then row i is token i: no index to copy to the device

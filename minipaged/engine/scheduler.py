@@ -239,13 +239,10 @@ class Scheduler:
         return seq.token_ids[start:start + num] if self.uses_token_ids else None
 
     def _append(self, group: SequenceGroup, seq: Sequence, num_new: int) -> ScheduledSequence:
-        """Room in the cache for a running sequence's next ``num_new`` tokens (every running
-        sequence, every step: written out flat, one call into the cache)."""
-        start = seq.num_cached
-        self.cache.append_slots(seq.seq_id, num_new,
-                                seq.token_ids[start:start + num_new] if self.uses_token_ids else None)
-        seq.num_cached = start + num_new
-        return ScheduledSequence(seq, group, num_new, start + num_new == len(seq.token_ids))
+        """Room in the cache for a running sequence's next ``num_new`` tokens."""
+        self.cache.append_slots(seq.seq_id, num_new, self._token_ids(seq, seq.num_cached, num_new))
+        seq.num_cached += num_new
+        return ScheduledSequence.of(group, seq, num_new)
 
     # -- memory ----------------------------------------------------------------------------
     def _catch_up(self, group: SequenceGroup) -> bool:
