@@ -520,6 +520,55 @@ def test_rotary_of_q_and_k_sliced_out_of_one_projection():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 80)])  # 80: padded dims
+def test_rotary_and_write_is_rotary_then_write_to_cache(heads, kv_heads, head_dim, block_size, dtype):
+    """The model's fused write: q turned in place and the turned keys stored exactly as ``rotary``
+    then ``write_to_cache`` do (q, k, v strided views of one QKV product; a padding slot -1 stores
+    nothing), and the keys themselves left as they were."""
+    gen = torch.Generator().manual_seed(heads * block_size + head_dim)
+    num_tokens = 6
+    cos, sin = random_rotary_tables(50, head_dim, gen)
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    positions = torch.randint(0, 50, (num_tokens,), generator=gen).to(DEVICE)
+    k_cache = torch.randn(8, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(8, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    slots = torch.randperm(8 * block_size, generator=gen)[:num_tokens]
+    slots[3] = -1
+    slots = slots.to(DEVICE)
+    want_q, want_k_cache, want_v_cache = q.clone(), k_cache.clone(), v_cache.clone()
+    reference.rotary_and_write(want_q, k.clone(), v, cos, sin, positions, want_k_cache, want_v_cache, slots)
+    keys = k.clone()
+    assert ops.rotary_and_write(q, k, v, cos, sin, positions, k_cache, v_cache, slots) is q
+    assert_matches_reference(q, want_q, max_ulps=1)
+    assert_matches_reference(k_cache, want_k_cache, max_ulps=1)
+    assert torch.equal(v_cache, want_v_cache) and torch.equal(k, keys)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 1), (3, 50), (4, 8192), (2, 20000)])
+def test_greedy_sample_matches_reference(rows, vocab, dtype):
+    """Same tokens as argmax, ties to the lowest index (within a chunk of the kernel's loop and
+    across chunks), and log-probabilities within float32 rounding; rows may be strided."""
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = (3 * torch.randn(rows, 2 * vocab, generator=gen)).to(dtype)[:, :vocab]  # rows strided
+    if vocab > 8192:  # the kernel reads 8192 logits at a time
+        logits[0, [9000, 17000]] = 20.0  # equal maxima in the second and third chunk: 9000
+        logits[1, [8200, 8201, 10]] = 20.0  # and in the first and second: 10
+    logits = logits.to(DEVICE)
+    tokens, logprobs = ops.greedy_sample(logits)
+    want_tokens, want_logprobs = reference.greedy_sample(logits)
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert tokens.tolist() == want_tokens.tolist()
+    if vocab > 8192:
+        assert tokens.tolist() == [9000, 10]
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
 @pytest.mark.parametrize("intermediate", [96, 1536, 8192])
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
 def test_silu_and_mul_matches_reference(num_tokens, intermediate, dtype):
@@ -554,8 +603,11 @@ def test_layer_ops_run_the_reference_where_the_kernels_do_not_cover_the_call(cap
         assert torch.equal(ops.rms_norm(wide, wide[0], 1e-5), reference.rms_norm(wide, wide[0], 1e-5))
         want = reference.rotary(q.clone(), q.clone(), cos, sin, positions)
         assert all(map(torch.equal, ops.rotary(q, q.clone(), cos, sin, positions), want))
+        columns = torch.randn(50, 3, generator=gen).to(DEVICE).t()  # [3, 50], vocabulary strided
+        assert all(map(torch.equal, ops.greedy_sample(columns), reference.greedy_sample(columns)))
     for op, why in [("rms_norm", "float64 (the kernels compute in float32)"), ("silu_and_mul", "float64"),
-                    ("rms_norm", "hidden size above 65536"), ("rotary", "head dimension not contiguous")]:  # fmt: skip
+                    ("rms_norm", "hidden size above 65536"), ("rotary", "head dimension not contiguous"),
+                    ("greedy_sample", "vocabulary dimension not contiguous")]:  # fmt: skip
         assert f"{op}: reference ({why}" in caplog.text
 
 
@@ -567,6 +619,11 @@ def _layer_op_args():
         "rotary": dict(q=torch.randn(3, heads, head_dim), k=torch.randn(3, 2, head_dim), cos=torch.ones(10, 8),
                        sin=torch.zeros(10, 8), positions=torch.tensor([0, 4, 9])),
         "silu_and_mul": dict(gate=torch.randn(3, 48), up=torch.randn(3, 48)),
+        "rotary_and_write": dict(q=torch.randn(3, heads, head_dim), key=torch.randn(3, 2, head_dim),
+                                 value=torch.randn(3, 2, head_dim), cos=torch.ones(10, 8), sin=torch.zeros(10, 8),
+                                 positions=torch.tensor([0, 4, 9]), k_cache=torch.zeros(4, 2, 2, head_dim),
+                                 v_cache=torch.zeros(4, 2, 2, head_dim), slot_mapping=torch.tensor([7, -1, 0])),
+        "greedy_sample": dict(logits=torch.randn(3, 40)),
     }  # fmt: skip
 
 
@@ -593,6 +650,14 @@ def _layer_op_args():
         ("silu_and_mul", "gate", torch.randn(48)),
         ("silu_and_mul", "up", torch.randn(3, 47)),
         ("silu_and_mul", "up", torch.randn(3, 48, dtype=torch.float16)),
+        ("rotary_and_write", "key", torch.randn(3, 2, 8)),  # not q's head_dim
+        ("rotary_and_write", "value", torch.randn(3, 1, 16)),
+        ("rotary_and_write", "v_cache", torch.zeros(4, 2, 1, 16)),  # not k_cache's shape
+        ("rotary_and_write", "slot_mapping", torch.tensor([7, -1])),
+        ("rotary_and_write", "slot_mapping", torch.tensor([7, -1, 8])),  # past the cache's 8 slots
+        ("rotary_and_write", "positions", torch.tensor([0, 10, 2])),
+        ("greedy_sample", "logits", torch.randn(3, 0)),  # no vocabulary
+        ("greedy_sample", "logits", torch.randint(0, 9, (3, 40))),
     ],
 )
 def test_bad_layer_op_arguments_name_the_argument(op, name, bad):

@@ -48,6 +48,14 @@ def test_greedy_is_argmax_and_reports_the_models_logprob():
         torch.testing.assert_close(logprobs, logits.log_softmax(-1).max(-1).values)
 
 
+def test_a_vocabulary_of_one_token_draws_it_with_log_probability_zero():
+    """The memory charts' stand-in model: greedy or not, token 0, certain."""
+    logits = torch.randn(3, 1)
+    for batch in (None, batch_of(ROWS[:3], 1)):
+        tokens, logprobs = sample(logits, batch)
+        assert tokens.tolist() == [0, 0, 0] and logprobs.tolist() == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("setting", [dict(top_k=1), dict(top_p=1e-6)])
 def test_top_k_one_or_a_tiny_nucleus_leaves_only_the_most_likely_token(setting):
     logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(2))

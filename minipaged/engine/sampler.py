@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from minipaged import ops
 from minipaged.engine.sequence import Sequence
 from minipaged.ops.metadata import to_device
 
@@ -81,18 +82,21 @@ def uniform_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
 
 
 def sample(logits: Tensor, batch: SamplingBatch | None) -> tuple[Tensor, Tensor]:
-    """Next tokens ``int64 [B]`` and their log-probabilities ``float32 [B]``; ``batch=None``: every
-    row greedy (plain argmax: no noise, no sort, no settings to copy to the GPU).
+    """Next tokens ``int64 [B]`` and their log-probabilities ``float32 [B]`` from ``logits [B, V]``
+    in any float dtype; ``batch=None``: every row greedy (``ops.greedy_sample``, one kernel that
+    reads the logits once: no noise, no sort, no settings to copy to the GPU).
 
     The log-probability is that of the model's own distribution (``log_softmax`` of the raw
-    logits, as transformers' beam scores and vLLM's default logprobs): settings that reshape the
-    distribution change which token is drawn, not how its probability is reported.
+    logits in float32, as transformers' beam scores and vLLM's default logprobs): settings that
+    reshape the distribution change which token is drawn, not how its probability is reported.
     """
+    if logits.shape[-1] == 1:  # one token to choose (the memory charts' stand-in model): nothing to compute
+        zeros = torch.zeros(logits.shape[0], device=logits.device)
+        return zeros.long(), zeros
+    if batch is None:
+        return ops.greedy_sample(logits)
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    if batch is None:
-        tokens = logits.argmax(dim=-1)
-        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
     greedy = batch.temperatures == 0
     scaled = logits / torch.where(greedy, 1.0, batch.temperatures)[:, None]
     scaled = _top_k_top_p(scaled, batch.top_ks, batch.top_ps)

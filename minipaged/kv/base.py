@@ -307,6 +307,27 @@ class KVCache(ABC):
             slot_mapping.to(device=self.device, dtype=torch.int64),
         )
 
+    def write_rotated(
+        self,
+        layer: int,
+        slot_mapping: torch.Tensor,
+        q: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """``write`` with the rotary embedding in the same kernel (``ops.rotary_and_write``), the
+        model's write: the keys are stored turned by their tokens' ``positions``, and ``q [T, H,
+        D]`` is turned in place and returned."""
+        self._check_layer(layer)
+        return ops.rotary_and_write(
+            q, key, value, cos, sin, positions,
+            self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]),
+            slot_mapping.to(device=self.device, dtype=torch.int64),
+        )  # fmt: skip
+
     def read(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's keys and values, ``[num_tokens, H_kv, D]`` each, gathered through its slots."""
         self._check_layer(layer)

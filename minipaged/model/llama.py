@@ -9,18 +9,19 @@ rotary position embeddings, grouped-query attention, a SwiGLU MLP).
 The one idea: a layer never knows how the cache is laid out. The step's ``AttentionMetadata``
 says where each new token's K/V goes (``slot_mapping``) and where every sequence's context lies
 (block tables for the paged cache, slab starts for the contiguous one). Each layer writes through
-``kv_cache.write`` and attends through ``ops.attention`` (§4.1: the kernel fetches the context's
+``kv_cache.write_rotated`` and attends through ``ops.attention`` (§4.1: the kernel fetches the context's
 blocks wherever they are), with the same two lines for both caches.
 
-The elementwise work runs in fused kernels (``ops.rms_norm``, ``ops.rotary``, ``ops.silu_and_mul``):
+The elementwise work runs in fused kernels (``ops.rms_norm``, ``ops.silu_and_mul``, and the rotary
+embedding inside the cache write, ``ops.rotary_and_write``):
 a small model's decode step is bound by how many kernels it launches, not by bandwidth. So the
 residual stream is carried beside the hidden states, as in vLLM: each layer receives the previous
 sublayer's output and the stream separately, and the next norm adds them in its own kernel. For
 the same reason the products that read the same input are stacked into one matrix, as vLLM's
 ``QKVParallelLinear`` and ``MergedColumnParallelLinear`` do: ``qkv_proj`` holds transformers'
 ``q_proj``, ``k_proj`` and ``v_proj`` one above the other, ``gate_up_proj`` holds ``gate_proj`` and
-``up_proj``; the kernels after them read their parts as views. A layer is then ten kernels: two
-norms, four products, the rotary embedding, the cache write, attention, SwiGLU's gate.
+``up_proj``; the kernels after them read their parts as views. A layer is then nine kernels: two
+norms, four products, the cache write with the rotary embedding, attention, SwiGLU's gate.
 
 The step's tokens come packed, sequence after sequence, with no padding: ``input_ids`` and
 ``positions`` are ``[T]``, and every activation is ``[T, ...]``. Nothing here reads a device
@@ -171,10 +172,10 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # Views, not copies: every kernel below reads its part through the token stride.
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # [T, H | H_kv, D]
-        # Rotated in place, one kernel for both, by angles looked up at each token's position.
-        q, k = ops.rotary(q, k, cos, sin, positions)
         # The new tokens' K/V join their sequences' context first, so each attends to itself too.
-        kv_cache.write(self.layer, metadata.slot_mapping, k, v)
+        # On the way the rotary embedding turns k (and q, in place) by the angles of each token's
+        # position: one kernel does both (``ops.rotary_and_write``, ``ops.rotary`` then ``kv_cache.write``).
+        q = kv_cache.write_rotated(self.layer, metadata.slot_mapping, q, k, v, cos, sin, positions)
         out = ops.attention(q, kv_cache.k_caches[self.layer], kv_cache.v_caches[self.layer], metadata)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, H * D] -> [T, hidden]
 
@@ -280,5 +281,7 @@ class Llama(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """float32 ``[N, vocab]`` scores of the next token from hidden states ``[N, hidden]``."""
-        return self.lm_head(hidden).float()
+        """Scores ``[N, vocab]`` of the next token from hidden states ``[N, hidden]``, in the model's
+        dtype as transformers' ``LlamaForCausalLM`` returns them: the sampler reads them as they
+        are (a float32 copy of a large batch's logits would cost more than its greedy pick)."""
+        return self.lm_head(hidden)

@@ -324,17 +324,18 @@ def check_rms_norm(
 
 
 def check_rotary(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, k_name: str = "k"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``q, k, cos, sin`` and the positions on the data's device. The positions' values
-    (rows of the tables) are checked when the caller passes them on the CPU."""
+    (rows of the tables) are checked when the caller passes them on the CPU. ``k_name``: what the
+    caller calls ``k``, for the messages."""
     q_ = check_tensor(q, "q", 3, FLOAT_DTYPES)
-    k_ = check_tensor(k, "k", 3, FLOAT_DTYPES)
-    check_same(k_, "k", q_, "q")
+    k_ = check_tensor(k, k_name, 3, FLOAT_DTYPES)
+    check_same(k_, k_name, q_, "q")
     num_tokens, head_dim = q_.shape[0], q_.shape[2]
     require(head_dim > 0 and head_dim % 2 == 0, "q", "head_dim must be even (i pairs with i + D/2), got shape {}",
             tuple(q_.shape))  # fmt: skip
-    require(k_.shape[0] == num_tokens and k_.shape[2] == head_dim, "k", "shape {} does not match q's {}",
+    require(k_.shape[0] == num_tokens and k_.shape[2] == head_dim, k_name, "shape {} does not match q's {}",
             tuple(k_.shape), tuple(q_.shape))  # fmt: skip
     cos_ = check_tensor(cos, "cos", 2, (torch.float32,))
     require(cos_.shape[1] == head_dim // 2, "cos", "expected head_dim / 2 = {} columns, got shape {}",
@@ -349,9 +350,26 @@ def check_rotary(
     return q_, k_, cos_, sin_, positions_
 
 
+def check_rotary_and_write(
+    q: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+    k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``check_rotary`` of q and the keys, then ``check_write_to_cache`` of the keys and values:
+    returns the arguments in order, the positions and slots on the data's device."""
+    q_, key_, cos_, sin_, positions_ = check_rotary(q, key, cos, sin, positions, "key")
+    key_, value_, k, v, slots = check_write_to_cache(key_, value, k_cache, v_cache, slot_mapping)
+    return q_, key_, value_, cos_, sin_, positions_, k, v, slots
+
+
 def check_silu_and_mul(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     gate_ = check_tensor(gate, "gate", 2, FLOAT_DTYPES)
     up_ = check_tensor(up, "up", 2, FLOAT_DTYPES)
     require(up_.shape == gate_.shape, "up", "shape {} differs from gate's {}", tuple(up_.shape), tuple(gate_.shape))
     check_same(up_, "up", gate_, "gate")
     return gate_, up_
+
+
+def check_greedy_sample(logits: Tensor) -> Tensor:
+    logits_ = check_tensor(logits, "logits", 2, FLOAT_DTYPES)
+    require(logits_.shape[1] > 0, "logits", "needs a vocabulary of >= 1 token, got shape {}", tuple(logits_.shape))
+    return logits_

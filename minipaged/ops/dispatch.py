@@ -22,15 +22,17 @@ import os
 import torch
 from torch import Tensor
 
-from minipaged.ops import reference, swap, triton_attention, triton_cache, triton_layers
+from minipaged.ops import reference, swap, triton_attention, triton_cache, triton_layers, triton_sampling
 from minipaged.ops.checks import (
     check_attention,
     check_contiguous_decode_attention,
     check_copy_blocks,
+    check_greedy_sample,
     check_paged_decode_attention,
     check_paged_prefill_attention,
     check_rms_norm,
     check_rotary,
+    check_rotary_and_write,
     check_silu_and_mul,
     check_swap_blocks,
     check_write_to_cache,
@@ -255,9 +257,41 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
     return reference.rotary(q, k, cos, sin, positions)
 
 
+def rotary_and_write(
+    q: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+    k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+) -> Tensor:  # fmt: skip
+    """``rotary`` and ``write_to_cache`` in one kernel, the model's write: ``q [T, H, D]`` turns IN
+    PLACE and is returned; ``key [T, H_kv, D]`` turns on its way into its slots (``key`` itself is
+    not modified) and ``value`` is stored beside it. Arguments as those two ops take them."""
+    q, key, value, cos, sin, positions, k_cache, v_cache, slots = check_rotary_and_write(
+        q, key, value, cos, sin, positions, k_cache, v_cache, slot_mapping
+    )
+    strided = any(t.stride(-1) != 1 for t in (q, key, value, k_cache, v_cache))
+    not_covered = _float64_not_covered(q) or ("head dimension not contiguous" if strided else None)
+    if _use_triton("rotary_and_write", q, not_covered):
+        triton_cache.write_to_cache(key, value, k_cache, v_cache, slots, rotary=(q, cos, sin, positions))
+        return q
+    return reference.rotary_and_write(q, key, value, cos, sin, positions, k_cache, v_cache, slots)
+
+
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's gate, ``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``, in one kernel."""
     gate, up = check_silu_and_mul(gate, up)
     if _use_triton("silu_and_mul", gate, _float64_not_covered(gate)):
         return triton_layers.silu_and_mul(gate, up)
     return reference.silu_and_mul(gate, up)
+
+
+# -- the sampler's greedy pick (``triton_sampling``: one kernel instead of four) ----------------------
+
+
+def greedy_sample(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's most likely token of ``logits [B, V]`` (``int64 [B]``, the lowest index among
+    equal logits, as ``torch.argmax``) and its log-probability under ``log_softmax`` of the row
+    (``float32 [B]``), reading the logits once in their own dtype."""
+    logits = check_greedy_sample(logits)
+    strided = "vocabulary dimension not contiguous" if logits.stride(-1) != 1 else None
+    if _use_triton("greedy_sample", logits, _float64_not_covered(logits) or strided):
+        return triton_sampling.greedy_sample(logits)
+    return reference.greedy_sample(logits)

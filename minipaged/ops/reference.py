@@ -6,7 +6,7 @@ token at a time through the block table, exactly as the paper describes the look
 "PagedAttention"), and computes the softmax in float32 (float64 when the inputs are float64).
 The tests compare the Triton kernels with these functions, and the public functions fall back
 to them on a CPU or for any case the kernels do not cover. The decoder layer's elementwise ops
-(``rms_norm``, ``rotary``, ``silu_and_mul``, at the end) are what the model computed in PyTorch
+(``rms_norm``, ``rotary``, ``rotary_and_write``, ``silu_and_mul``, at the end) are what the model computed in PyTorch
 before they were fused, rounding where it rounded. (``swap_blocks`` is a transfer, not
 a kernel: its one implementation is ``minipaged.ops.swap``.)
 
@@ -201,6 +201,27 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) ->
     return q, k
 
 
+def rotary_and_write(
+    q: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+    k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+) -> Tensor:  # fmt: skip
+    """The model's cache write with the rotary embedding in it: ``rotary`` turns ``q`` in place
+    and a copy of ``key`` (``key`` itself is left as it was), then ``write_to_cache`` stores the
+    turned keys and the values. Returns ``q``."""
+    q, key = rotary(q, key.clone(), cos, sin, positions)
+    write_to_cache(key, value, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's gate: ``silu(gate) * up`` for ``gate``, ``up`` ``[T, I]``."""
     return torch.nn.functional.silu(gate) * up
+
+
+def greedy_sample(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Greedy decoding's pick from ``logits [B, V]``: each row's most likely token (``int64 [B]``,
+    the lowest index among equals) and its log-probability (``float32 [B]``, ``log_softmax`` of
+    the row in float32)."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -10,8 +10,9 @@ embedding seven per tensor (four products, a difference, a sum, a ``cat``), SwiG
 residual add one: 43 kernels per layer, of which only 9 are the matrix products, the cache write
 and attention. For a 1B model (16 layers) the 34 others are ~550 launches, about 2 ms of a ~3 ms
 step at batch 16. Here each group is one kernel that reads its inputs once and writes its outputs
-once: 13 launches per layer instead of 43 (vLLM and nano-vllm fuse the same groups), and 10 once
-the model stacks its Q, K, V and its gate, up products (``minipaged.model.llama``).
+once: 13 launches per layer instead of 43 (vLLM and nano-vllm fuse the same groups), 10 once
+the model stacks its Q, K, V and its gate, up products (``minipaged.model.llama``), and 9 with the
+rotation inside the cache write (``triton_cache``: the model calls ``ops.rotary_and_write``).
 
 Each kernel rounds where PyTorch rounds, so the model still computes what transformers computes:
 
@@ -93,20 +94,35 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 
 
 @triton.jit
-def _rotate_heads(
-    x_ptr, row, stride_head, cos, sin,
+def rotate_heads(
+    x_ptr, row, stride_head, out_ptr, out_row, stride_out_head, cos, sin,
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):  # fmt: skip
-    """Rotate, in place, every head of the token whose row starts at ``row``: the pair
-    (x[i], x[i + HALF]) by the angle whose ``cos``, ``sin`` (``[1, HALF_PAD]``) are given."""
+    """Rotate every head of the token whose row starts at ``row``: the pair (x[i], x[i + HALF]) by
+    the angle whose ``cos``, ``sin`` (``[1, HALF_PAD]``) are given, rounded to x's dtype and
+    stored at ``out_row`` of ``out_ptr`` (in place when that is the same row; in another dtype,
+    rounded again). ``triton_cache.rotary_and_write`` stores a token's keys into the cache so."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HALF_PAD)[None, :]
     mask = (heads < NUM_HEADS) & (dims < HALF)
     first = x_ptr + row + heads * stride_head + dims  # [HEADS_PAD, HALF_PAD]: each head's first half
+    out = out_ptr + out_row + heads * stride_out_head + dims
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    out1 = (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty)
+    out2 = (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty)
+    tl.store(out, out1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, out2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_angles(cos_ptr, sin_ptr, positions_ptr, token, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos and sin ``[1, HALF_PAD]`` of the token's position, looked up in the tables."""
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF_PAD)
+    cos = tl.load(cos_ptr + position * HALF + dims, mask=dims < HALF, other=0.0)[None, :]  # shared by every head
+    sin = tl.load(sin_ptr + position * HALF + dims, mask=dims < HALF, other=0.0)[None, :]
+    return cos, sin
 
 
 @triton.jit
@@ -126,12 +142,14 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_PAD)
-    cos = tl.load(cos_ptr + position * HALF + dims, mask=dims < HALF, other=0.0)[None, :]  # shared by every head
-    sin = tl.load(sin_ptr + position * HALF + dims, mask=dims < HALF, other=0.0)[None, :]
-    _rotate_heads(q_ptr, token * stride_q_token, stride_q_head, cos, sin, NUM_HEADS, HEADS_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr, token * stride_k_token, stride_k_head, cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD)
+    cos, sin = rotary_angles(cos_ptr, sin_ptr, positions_ptr, token, HALF, HALF_PAD)
+    q_row, k_row = token * stride_q_token, token * stride_k_token
+    rotate_heads(
+        q_ptr, q_row, stride_q_head, q_ptr, q_row, stride_q_head, cos, sin, NUM_HEADS, HEADS_PAD, HALF, HALF_PAD
+    )
+    rotate_heads(
+        k_ptr, k_row, stride_k_head, k_ptr, k_row, stride_k_head, cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD
+    )
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
