@@ -213,7 +213,7 @@ def test_bfloat16_on_cuda_by_default_and_as_accurate_as_transformers_in_bfloat16
 
 
 def test_rotary_tables_follow_the_device_but_stay_float32_in_a_half_model():
-    """ops.rotary computes in float32 from float32 tables: ``.to(dtype)`` must not round them."""
+    """ops.rotary_and_write computes in float32 from float32 tables: ``.to(dtype)`` must not round them."""
     model, _ = random_model(small_config(), device=DEVICE, dtype=torch.float32)
     cos = model.cos.clone()
     model.to(torch.bfloat16)

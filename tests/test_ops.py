@@ -557,6 +557,7 @@ def test_greedy_sample_matches_reference(rows, vocab, dtype):
     if vocab > 8192:  # the kernel reads 8192 logits at a time
         logits[0, [9000, 17000]] = 20.0  # equal maxima in the second and third chunk: 9000
         logits[1, [8200, 8201, 10]] = 20.0  # and in the first and second: 10
+        logits[0, :8192] = float("-inf")  # a whole chunk of -inf first: nothing to shift by yet
     logits = logits.to(DEVICE)
     tokens, logprobs = ops.greedy_sample(logits)
     want_tokens, want_logprobs = reference.greedy_sample(logits)
@@ -565,6 +566,15 @@ def test_greedy_sample_matches_reference(rows, vocab, dtype):
     if vocab > 8192:
         assert tokens.tolist() == [9000, 10]
     torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_greedy_sample_of_a_row_of_only_minus_infinity_is_token_0_with_no_log_probability():
+    logits = torch.full((2, 300), float("-inf"), device=DEVICE)
+    logits[1, 7] = 0.0
+    tokens, logprobs = ops.greedy_sample(logits)
+    assert tokens.tolist() == reference.greedy_sample(logits)[0].tolist() == [0, 7]
+    assert logprobs[0].isnan() and logprobs[1] == 0.0
 
 
 @needs_triton
@@ -605,9 +615,15 @@ def test_layer_ops_run_the_reference_where_the_kernels_do_not_cover_the_call(cap
         assert all(map(torch.equal, ops.rotary(q, q.clone(), cos, sin, positions), want))
         columns = torch.randn(50, 3, generator=gen).to(DEVICE).t()  # [3, 50], vocabulary strided
         assert all(map(torch.equal, ops.greedy_sample(columns), reference.greedy_sample(columns)))
+        cache = torch.zeros(4, 2, 2, 16, dtype=torch.float64, device=DEVICE)
+        rows = torch.randn(3, 2, 16, generator=gen, dtype=torch.float64).to(DEVICE)
+        ops.rotary_and_write(x.view(3, 4, 16), rows, rows, cos, sin, positions, cache, cache.clone(), positions)
+        assert torch.equal(cache.view(8, 2, 16)[positions], reference.rotary(rows.clone(), rows.clone(), cos, sin,
+                                                                             positions)[1])
     for op, why in [("rms_norm", "float64 (the kernels compute in float32)"), ("silu_and_mul", "float64"),
                     ("rms_norm", "hidden size above 65536"), ("rotary", "head dimension not contiguous"),
-                    ("greedy_sample", "vocabulary dimension not contiguous")]:  # fmt: skip
+                    ("greedy_sample", "vocabulary dimension not contiguous"),
+                    ("rotary_and_write", "float64")]:  # fmt: skip
         assert f"{op}: reference ({why}" in caplog.text
 
 

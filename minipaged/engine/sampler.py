@@ -89,8 +89,12 @@ def sample(logits: Tensor, batch: SamplingBatch | None) -> tuple[Tensor, Tensor]
     The log-probability is that of the model's own distribution (``log_softmax`` of the raw
     logits in float32, as transformers' beam scores and vLLM's default logprobs): settings that
     reshape the distribution change which token is drawn, not how its probability is reported.
+    (The greedy kernel sums in another order than ``log_softmax``: a greedy row's log-probability
+    may differ in the last float32 bits between an all-greedy batch and a mixed one.)
     """
-    if logits.shape[-1] == 1:  # one token to choose (the memory charts' stand-in model): nothing to compute
+    # One token to choose: the memory charts' stand-in model, whose thousands of steps would each
+    # launch the greedy kernel (under the CPU interpreter, ~ms a launch) to find token 0.
+    if logits.shape[-1] == 1:
         zeros = torch.zeros(logits.shape[0], device=logits.device)
         return zeros.long(), zeros
     if batch is None:

@@ -295,17 +295,16 @@ class KVCache(ABC):
         """A layer's tensor as ``[num_blocks, block_size, H_kv, D]`` (a view), the kernels' layout."""
         return cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots.
-
-        Shapes are checked once, by ``ops.write_to_cache`` (the model calls this for every layer).
-        """
+    def _destination(self, layer: int, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where a write of layer ``layer`` goes: its K and V as blocks, and the slots on the cache's device."""
         self._check_layer(layer)
-        ops.write_to_cache(
-            key.to(self.dtype), value.to(self.dtype),
-            self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]),
-            slot_mapping.to(device=self.device, dtype=torch.int64),
-        )
+        slots = slot_mapping.to(device=self.device, dtype=torch.int64)
+        return self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]), slots
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the K/V of ``len(slot_mapping)`` tokens (each ``[T, H_kv, D]``) in their slots,
+        in the cache's dtype. Shapes are checked once, by ``ops.write_to_cache``."""
+        ops.write_to_cache(key.to(self.dtype), value.to(self.dtype), *self._destination(layer, slot_mapping))
 
     def write_rotated(
         self,
@@ -319,14 +318,10 @@ class KVCache(ABC):
         positions: torch.Tensor,
     ) -> torch.Tensor:
         """``write`` with the rotary embedding in the same kernel (``ops.rotary_and_write``), the
-        model's write: the keys are stored turned by their tokens' ``positions``, and ``q [T, H,
-        D]`` is turned in place and returned."""
-        self._check_layer(layer)
-        return ops.rotary_and_write(
-            q, key, value, cos, sin, positions,
-            self._blocks(self.k_caches[layer]), self._blocks(self.v_caches[layer]),
-            slot_mapping.to(device=self.device, dtype=torch.int64),
-        )  # fmt: skip
+        model's write for every layer: the keys are stored turned by their tokens' ``positions``
+        (rounded to their dtype, then stored in the cache's, as ``write`` would store them), and
+        ``q [T, H, D]`` is turned in place and returned."""
+        return ops.rotary_and_write(q, key, value, cos, sin, positions, *self._destination(layer, slot_mapping))
 
     def read(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's keys and values, ``[num_tokens, H_kv, D]`` each, gathered through its slots."""

@@ -174,7 +174,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # [T, H | H_kv, D]
         # The new tokens' K/V join their sequences' context first, so each attends to itself too.
         # On the way the rotary embedding turns k (and q, in place) by the angles of each token's
-        # position: one kernel does both (``ops.rotary_and_write``, ``ops.rotary`` then ``kv_cache.write``).
+        # position: one kernel (``ops.rotary_and_write``) instead of ``ops.rotary`` then ``kv_cache.write``.
         q = kv_cache.write_rotated(self.layer, metadata.slot_mapping, q, k, v, cos, sin, positions)
         out = ops.attention(q, kv_cache.k_caches[self.layer], kv_cache.v_caches[self.layer], metadata)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, H * D] -> [T, hidden]
@@ -253,7 +253,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # One table for every position the model serves, read by the rotary kernel at each token's
+        # One table for every position the model serves, read by the cache write at each token's
         # position: no host work, no sync. float32 whatever the model's dtype (see _apply).
         cos, sin = rotary_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [P, D/2]
@@ -262,7 +262,7 @@ class Llama(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Llama:
         """``.to(dtype)``, ``.half()`` and the like cast every floating buffer: the rotary tables
-        follow the model's device but stay float32, as ``ops.rotary`` computes in float32."""
+        follow the model's device but stay float32, as ``ops.rotary_and_write`` computes in float32."""
         cos, sin = self.cos, self.sin
         super()._apply(fn, recurse)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)

@@ -222,7 +222,8 @@ def attention(
     )  # fmt: skip
 
 
-# -- the decoder layer's elementwise ops (``triton_layers``: one kernel each instead of 2-14) ---------
+# -- the decoder layer's elementwise ops (``triton_layers``, and ``triton_cache`` for the model's write:
+# one kernel each instead of 2-14) ----------------------------------------------------------------
 
 MAX_FUSED_HIDDEN = 65536  # rms_norm holds a whole row in one block
 

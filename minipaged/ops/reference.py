@@ -170,7 +170,8 @@ def attention(
     )
 
 
-# -- the decoder layer's elementwise ops (fused in ``triton_layers``) -------------------------------
+# -- the decoder layer's elementwise ops (fused in ``triton_layers``; ``rotary_and_write`` in
+# ``triton_cache``) and the sampler's greedy pick (``triton_sampling``) ---------------------------
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:

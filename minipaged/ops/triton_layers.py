@@ -26,7 +26,8 @@ Each kernel rounds where PyTorch rounds, so the model still computes what transf
   inside the kernel: the model never gathers them per step). Llama pairs element ``i`` of a head
   with element ``i + D/2`` (transformers' ``rotate_half``); the rotation is computed in float32
   and rounded once. It is compiled without fused multiply-add (``enable_fp_fusion=False``), so a
-  GPU computes the reference's float32 values bit for bit.
+  GPU computes the reference's float32 values bit for bit. The model runs the same rotation
+  (``rotary_angles``, ``rotate_heads``) inside its cache write; ``ops.rotary`` is the op on its own.
 * ``silu_and_mul``: program ``(t, j)`` handles ``BLOCK`` columns of row ``t`` of ``[T, I]``;
   gate and up are read through their row strides, so they can be the two halves of one product.
   ``silu(gate)`` in float32 rounded to the dtype (as ``F.silu`` does), then the product with
@@ -101,7 +102,8 @@ def rotate_heads(
     """Rotate every head of the token whose row starts at ``row``: the pair (x[i], x[i + HALF]) by
     the angle whose ``cos``, ``sin`` (``[1, HALF_PAD]``) are given, rounded to x's dtype and
     stored at ``out_row`` of ``out_ptr`` (in place when that is the same row; in another dtype,
-    rounded again). ``triton_cache.rotary_and_write`` stores a token's keys into the cache so."""
+    rounded again). ``triton_cache.write_to_cache(..., rotary=...)`` stores a token's keys into the
+    cache so."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HALF_PAD)[None, :]
     mask = (heads < NUM_HEADS) & (dims < HALF)

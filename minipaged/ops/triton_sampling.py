@@ -15,7 +15,10 @@ as in FlashAttention). The chosen token's log-probability is then
 
 Ties go to the lowest index, as ``torch.argmax`` breaks them: within a chunk ``tl.argmax`` keeps
 the first, and a later chunk wins only with a strictly larger logit. The sum runs in another
-order than PyTorch's, so a log-probability may differ in the last float32 bits; the token never.
+order than PyTorch's, so a log-probability may differ in the last float32 bits; the token never,
+for logits that are numbers (``-inf`` included: a row of only ``-inf`` gives token 0 and a NaN
+log-probability, as the reference does). A NaN logit has no rank: ``torch.argmax`` returns the
+first NaN, and the kernel's token is then unspecified.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _greedy_kernel(logits_ptr, tokens_ptr, logprobs_ptr, stride_row, vocab_size,
         index = tl.where(chunk_largest > largest, start + chunk_index, index)
         largest = new_largest
     tl.store(tokens_ptr + row, index.to(tl.int64))
-    tl.store(logprobs_ptr + row, -tl.log(total))
+    tl.store(logprobs_ptr + row, tl.where(total > 0, -tl.log(total), float("nan")))  # all -inf: no distribution
 
 
 def greedy_sample(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,8 +60,9 @@ def greedy_sample(logits: Tensor) -> tuple[Tensor, Tensor]:
     tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows:
-        # 8192 logits a chunk on 8 warps: the best or within 10% of the best of 4 to 16 warps and
-        # 2K to 16K chunks on an H200, 1 to 256 rows of 49K and 128K logits (notes/engine.md).
+        # 8192 logits a chunk on 8 warps: within 10% of the best of 4 to 16 warps and 2K to 16K
+        # chunks on an H200 at 256 rows of 49K and 128K logits, ~25% over it at 1-64 rows (where
+        # 16K chunks win, at ~7 us against ~9: notes/engine.md).
         block = min(8192, next_power_of_2(vocab_size))
         launch(
             _greedy_kernel, (num_rows,), (logits, tokens, logprobs, logits.stride(0), vocab_size),
