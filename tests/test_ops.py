@@ -1019,11 +1019,12 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     """Few partitions: the last partition of each (sequence, KV head) to finish merges them all
     (one launch); many: a second kernel does. Same result, on lengths that leave some partitions
     of some sequences empty, and the ticket counters are back at 0 after the call (so the next
-    call, or a CUDA graph's next replay, starts clean)."""
+    call, or a CUDA graph's next replay, starts clean). Sequences that fit one partition (1 and
+    16 tokens) write their output directly, with no partials and no ticket."""
     gen = torch.Generator().manual_seed(23)
-    k_cache, v_cache, tables, lens = random_paged(3, 90, kv_heads, 32, 8, torch.float32, gen)
-    lens[1], lens[2] = 17, 1
-    q = torch.randn(3, heads, 32, generator=gen).to(DEVICE)
+    k_cache, v_cache, tables, lens = random_paged(4, 90, kv_heads, 32, 8, torch.float32, gen)
+    lens[1], lens[2], lens[3] = 17, 1, 16
+    q = torch.randn(4, heads, 32, generator=gen).to(DEVICE)
     want = decode_reference(q, k_cache, v_cache, tables, lens)
 
     def split_call(fuse_merge):
@@ -1033,7 +1034,7 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
         )  # fmt: skip
 
     fused_plan = triton_attention._plan(
-        num_seqs=3, num_tokens=3, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
+        num_seqs=4, num_tokens=4, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
         dtype=torch.float32, device=q.device, decode=True, max_context_len=90, max_query_len=1,
         partition_size=16, config=(("fuse_merge", 1),),
     )  # fmt: skip
@@ -1042,7 +1043,7 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     assert rel_error(fused, want) < 1e-5
     assert rel_error(two_kernels, want) < 1e-5
     counters = triton_attention._workspaces[WORKSPACE_DEVICE, torch.int32]
-    assert counters.numel() >= 3 * kv_heads and not counters.any()
+    assert counters.numel() >= 4 * kv_heads and not counters.any()
     assert rel_error(split_call(1), want) < 1e-5  # and again, from the reset counters
 
 
@@ -1057,6 +1058,22 @@ def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
 
     assert plan(16).meta["MERGE"] and plan(16).merge_meta is None and plan(16).counters_numel == 8
     assert not plan(128).meta["MERGE"] and plan(128).merge_meta is not None and plan(128).counters_numel == 0
+
+
+def test_a_servers_decode_is_cut_into_short_partitions():
+    """The engine's plan (``varied_lengths``) cuts a context bound of 2048 into pieces of 128 tokens
+    with 8 KB tiles and merges them in the kernel; a direct call keeps the batch-filling plan."""
+    def plan(varied_lengths):
+        return triton_attention._plan(
+            num_seqs=1, num_tokens=1, num_heads=9, head_dim=64, num_kv_heads=3, paged=True, block_size=16,
+            dtype=torch.float16, device=torch.device("cpu"), decode=True, max_context_len=2048, max_query_len=1,
+            partition_size=None, config=None, varied_lengths=varied_lengths,
+        )  # fmt: skip
+
+    serving, direct = plan(True), plan(False)
+    assert (serving.partition_size, serving.num_partitions, serving.meta["TILE"]) == (128, 16, 64)
+    assert serving.meta["MERGE"] and serving.meta["num_warps"] == 2
+    assert (direct.partition_size, direct.num_partitions, direct.meta["TILE"]) == (1024, 2, 128)
 
 
 @needs_triton

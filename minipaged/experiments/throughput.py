@@ -101,7 +101,7 @@ def run_minipaged(hf_model, system: str, work: Workload, kv_slots: int | None, m
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in work.output_lens]
     # Warm-up: the first prompts, as long as in the run, so that every kernel the run needs (a
     # full chunk of prefill included) is compiled before the clock starts; then one prompt alone,
-    # because a step of few sequences picks other tiles (``ops.triton_attention._launch_config``),
+    # because a step of few sequences plans other split-K partitions (``ops.triton_attention._plan``),
     # which the memory-bound runs, with their small batches, would otherwise compile on the clock.
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:64], warm, use_tqdm=False)

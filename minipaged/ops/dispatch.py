@@ -207,7 +207,8 @@ def attention(
     D]``. The new tokens' K/V must already be written. Shapes are checked; the index values are
     not, because ``metadata`` comes from a cache, which built it valid, and reading them would
     stall the GPU once per layer. So on a GPU this call neither reads GPU tensors back nor
-    allocates by their values: a CUDA graph can capture it.
+    allocates by their values: a CUDA graph can capture it. Decode is planned for a server's
+    batch, whose lengths differ (``triton_attention._launch_config``).
     """
     q, k_cache, v_cache = check_attention(q, k_cache, v_cache, metadata)
     scale = _scale(q, scale)
@@ -219,6 +220,7 @@ def attention(
         q, k_cache, v_cache, block_tables=metadata.block_tables, starts=metadata.starts,
         context_lens=metadata.context_lens, query_start_loc=metadata.query_start_loc,
         max_context_len=metadata.max_context_len, max_query_len=metadata.max_query_len, scale=scale,
+        varied_lengths=True,
     )  # fmt: skip
 
 
