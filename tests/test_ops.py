@@ -1019,8 +1019,8 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     """Few partitions: the last partition of each (sequence, KV head) to finish merges them all
     (one launch); many: a second kernel does. Same result, on lengths that leave some partitions
     of some sequences empty, and the ticket counters are back at 0 after the call (so the next
-    call, or a CUDA graph's next replay, starts clean). Sequences that fit one partition (1 and
-    16 tokens) write their output directly, with no partials and no ticket."""
+    call, or a CUDA graph's next replay, starts clean). Sequences of 1 and 16 tokens fit one
+    partition (see the next test)."""
     gen = torch.Generator().manual_seed(23)
     k_cache, v_cache, tables, lens = random_paged(4, 90, kv_heads, 32, 8, torch.float32, gen)
     lens[1], lens[2], lens[3] = 17, 1, 16
@@ -1030,13 +1030,13 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     def split_call(fuse_merge):
         return triton_attention.attention(
             q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=32**-0.5,
-            partition_size=16, config={"fuse_merge": fuse_merge},
+            partition_size=16, config={"fuse_merge": fuse_merge}, out=torch.full_like(q, float("nan")),
         )  # fmt: skip
 
     fused_plan = triton_attention._plan(
         num_seqs=4, num_tokens=4, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
         dtype=torch.float32, device=q.device, decode=True, max_context_len=90, max_query_len=1,
-        partition_size=16, config=(("fuse_merge", 1),),
+        partition_size=16, config=(("fuse_merge", 1),), varied_lengths=False,
     )  # fmt: skip
     assert fused_plan.merge_meta is None
     fused, two_kernels = split_call(1), split_call(0)
@@ -1047,6 +1047,33 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     assert rel_error(split_call(1), want) < 1e-5  # and again, from the reset counters
 
 
+@needs_triton
+@pytest.mark.parametrize("fuse_merge", [1, 0])
+def test_a_sequence_that_fits_one_partition_writes_its_output_directly(fuse_merge):
+    """Split-K with partitions of 16: sequences of 1 and 16 tokens leave their partials untouched
+    (their one program writes the output), those of 90 and 17 write theirs; every row is right."""
+    gen = torch.Generator().manual_seed(29)
+    heads, partitions = 12, 6  # 90 tokens in partitions of 16
+    k_cache, v_cache, tables, lens = random_paged(4, 90, 4, 32, 8, torch.float32, gen)
+    lens[1], lens[2], lens[3] = 17, 1, 16
+    q = torch.randn(4, heads, 32, generator=gen).to(DEVICE)
+
+    def split_call():
+        out = torch.full_like(q, float("nan"))
+        return triton_attention.attention(
+            q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=32**-0.5,
+            partition_size=16, config={"fuse_merge": fuse_merge}, out=out,
+        )  # fmt: skip
+
+    split_call()  # the workspace exists from here on
+    partials = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
+    partials.fill_(123.0)
+    assert rel_error(split_call(), decode_reference(q, k_cache, v_cache, tables, lens)) < 1e-5
+    maxes = partials[: 4 * heads * partitions].view(4, heads, partitions)  # the running maxes come first
+    assert (maxes[2:] == 123.0).all()
+    assert (maxes[:2, :, :2] != 123.0).all()
+
+
 def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
     """The plan fuses the merge for a handful of partitions and leaves 128 to the merge kernel."""
     def plan(partitions):
@@ -1054,6 +1081,7 @@ def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
             num_seqs=1, num_tokens=1, num_heads=32, head_dim=128, num_kv_heads=8, paged=True, block_size=16,
             dtype=torch.float16, device=torch.device("cpu"), decode=True,
             max_context_len=partitions * 256, max_query_len=1, partition_size=256, config=None,
+            varied_lengths=False,
         )  # fmt: skip
 
     assert plan(16).meta["MERGE"] and plan(16).merge_meta is None and plan(16).counters_numel == 8
@@ -1062,7 +1090,8 @@ def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
 
 def test_a_servers_decode_is_cut_into_short_partitions():
     """The engine's plan (``varied_lengths``) cuts a context bound of 2048 into pieces of 128 tokens
-    with 8 KB tiles and merges them in the kernel; a direct call keeps the batch-filling plan."""
+    with 8 KB tiles and merges them in the kernel; a direct call keeps the batch-filling plan. (On
+    the CPU device the plan counts 2 "multiprocessors", so these are not a GPU's numbers.)"""
     def plan(varied_lengths):
         return triton_attention._plan(
             num_seqs=1, num_tokens=1, num_heads=9, head_dim=64, num_kv_heads=3, paged=True, block_size=16,

@@ -277,8 +277,8 @@ def _attention_kernel(
 
     out = acc / running_sum[:, None]
     # A sequence whose context fits one partition has nothing to merge: its one program writes
-    # the output as without split-K. (A CUDA graph plans its partitions for the longest context it
-    # may see, so in an engine most sequences are such.)
+    # the output as without split-K. (In an engine's CUDA graph, planned for the longest context it
+    # may see, the padding rows and the short sequences are such.)
     used = tl.cdiv(length, partition_size)  # partitions holding the context (1 without split-K)
     partials_needed = False
     if SPLIT:
@@ -416,12 +416,13 @@ def _launch_config(
     When the batch alone gives fewer (sequence, KV head) programs than the GPU has
     multiprocessors, split-K makes long partitions: big tiles (32 KB of K per step) stream
     them best, and ~8 programs per multiprocessor keep sequences of unequal length balanced.
-    Otherwise many short programs run at once: 16 KB tiles. 4 warps and 2 stages either way.
+    Otherwise many short programs run at once: 16 KB tiles. Both: 4 warps, 2 stages.
     ``row_bytes`` is one token's K row as the kernel multiplies it (padded head dim).
 
     A server's batch (``varied_lengths``: the lengths differ, and ``max_context_len`` may be only
     the bound a CUDA graph was planned for) is cut finer: 8 KB tiles on 2 warps and ~32 programs
-    per multiprocessor, so pieces of 64-128 tokens at a bound of 2048. A long sequence is spread
+    per multiprocessor (on an H200 at a bound of 2048, SmolLM2's 8-64 sequences get pieces of
+    64-128 tokens, 256 sequences pieces of 512). A long sequence is spread
     over many multiprocessors instead of one program walking it while the short ones are long
     done; a short one fits one piece and writes its output directly. On SmolLM2's shape with
     48-64 ShareGPT-like contexts that halves the kernel's time. On equal lengths the plans above
@@ -507,7 +508,7 @@ def _plan(
     max_query_len: int,
     partition_size: int | None,
     config: tuple[tuple[str, int], ...] | None,
-    varied_lengths: bool = False,
+    varied_lengths: bool,
 ) -> _Plan:
     """The launch plan of a call, cached: a call with the same shapes (every decode step of an
     engine at one batch size and context bound) reuses it instead of redoing the arithmetic."""
