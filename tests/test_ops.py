@@ -1020,7 +1020,7 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
     (one launch); many: a second kernel does. Same result, on lengths that leave some partitions
     of some sequences empty, and the ticket counters are back at 0 after the call (so the next
     call, or a CUDA graph's next replay, starts clean). Sequences of 1 and 16 tokens fit one
-    partition (see the next test)."""
+    partition: their one program writes the output, and their partials stay untouched."""
     gen = torch.Generator().manual_seed(23)
     k_cache, v_cache, tables, lens = random_paged(4, 90, kv_heads, 32, 8, torch.float32, gen)
     lens[1], lens[2], lens[3] = 17, 1, 16
@@ -1039,39 +1039,17 @@ def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
         partition_size=16, config=(("fuse_merge", 1),), varied_lengths=False,
     )  # fmt: skip
     assert fused_plan.merge_meta is None
-    fused, two_kernels = split_call(1), split_call(0)
-    assert rel_error(fused, want) < 1e-5
-    assert rel_error(two_kernels, want) < 1e-5
+    split_call(1)  # the workspaces exist from here on
+    partials = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
+    maxes = partials[: 4 * heads * 6].view(4, heads, 6)  # 6 partitions of 16; the running maxes come first
+    for fuse_merge in (1, 0):
+        partials.fill_(123.0)
+        assert rel_error(split_call(fuse_merge), want) < 1e-5
+        assert (maxes[2:] == 123.0).all()  # 1 and 16 tokens: no partials
+        assert (maxes[:2, :, :2] != 123.0).all()  # 90 and 17 tokens: their first two partitions' partials
     counters = triton_attention._workspaces[WORKSPACE_DEVICE, torch.int32]
     assert counters.numel() >= 4 * kv_heads and not counters.any()
     assert rel_error(split_call(1), want) < 1e-5  # and again, from the reset counters
-
-
-@needs_triton
-@pytest.mark.parametrize("fuse_merge", [1, 0])
-def test_a_sequence_that_fits_one_partition_writes_its_output_directly(fuse_merge):
-    """Split-K with partitions of 16: sequences of 1 and 16 tokens leave their partials untouched
-    (their one program writes the output), those of 90 and 17 write theirs; every row is right."""
-    gen = torch.Generator().manual_seed(29)
-    heads, partitions = 12, 6  # 90 tokens in partitions of 16
-    k_cache, v_cache, tables, lens = random_paged(4, 90, 4, 32, 8, torch.float32, gen)
-    lens[1], lens[2], lens[3] = 17, 1, 16
-    q = torch.randn(4, heads, 32, generator=gen).to(DEVICE)
-
-    def split_call():
-        out = torch.full_like(q, float("nan"))
-        return triton_attention.attention(
-            q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=32**-0.5,
-            partition_size=16, config={"fuse_merge": fuse_merge}, out=out,
-        )  # fmt: skip
-
-    split_call()  # the workspace exists from here on
-    partials = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
-    partials.fill_(123.0)
-    assert rel_error(split_call(), decode_reference(q, k_cache, v_cache, tables, lens)) < 1e-5
-    maxes = partials[: 4 * heads * partitions].view(4, heads, partitions)  # the running maxes come first
-    assert (maxes[2:] == 123.0).all()
-    assert (maxes[:2, :, :2] != 123.0).all()
 
 
 def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
