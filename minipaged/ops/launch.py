@@ -14,8 +14,10 @@ launcher directly (the call Triton's ``JITFunction.run`` ends in). The key holds
 Triton specialises a compiled kernel on, so a hit is the kernel Triton would have picked:
 
 * the constexprs and the launch options (``num_warps``, ``num_stages``, ...), as given;
-* for each tensor argument its dtype, whether it is on the GPU, and whether its address is a
-  multiple of 16 bytes (Triton vectorises loads through aligned pointers);
+* for each tensor argument its dtype. Triton also specialises a pointer on whether its address
+  is a multiple of 16 bytes (it vectorises loads through aligned pointers): the key is built
+  only when every address is, and a call with a misaligned one (a view that starts mid-row,
+  rare) takes Triton's own launch, which works that out itself;
 * every other argument (integers such as strides and lengths, floats) by its exact value: Triton
   specialises an integer on whether it is 1, a multiple of 16 or wider than 32 bits, all of which
   the value decides. Keying on the value is stricter than Triton, and cheaper to build than
@@ -39,7 +41,9 @@ packed metadata, launch metadata and the two hooks: true of Triton 3.3 to 3.9 (w
 runs on). A Triton whose compiled kernel lacks that launcher gets the plain ``kernel[grid]``.
 
 The kernels launched here take their tensors first, then their other runtime arguments, then
-their constexprs, and are given every constexpr (none left to a default). ``launch`` checks the
+their constexprs, and are given every constexpr (none left to a default). Every tensor is on the
+current CUDA device: the ops' argument checks see to it, and the direct path hands the launcher
+bare addresses (where Triton's launch would ask the driver about each). ``launch`` checks the
 order of runtime arguments and constexprs once per kernel, and counts the leading tensors of
 its first call.
 """
@@ -80,12 +84,17 @@ class _Kernel:
         # Compiled kernels need CUDA; on a GPU this turns False if a launch returns none.
         self.direct = params is not None and torch.cuda.is_available()
 
-    def key(self, device: int, args: Sequence[object], meta: dict[str, object]) -> tuple[tuple, list[int]]:
-        """What picks the compiled kernel (see the module docstring), and the tensors' addresses."""
-        tensors, others = args[: self.num_tensors], args[self.num_tensors :]
+    def key(self, device: int, args: Sequence[object], meta: dict[str, object]) -> tuple[tuple | None, list[int]]:
+        """What picks the compiled kernel (see the module docstring), or None when an address is
+        not 16-byte aligned; and the tensors' addresses."""
+        tensors = args[: self.num_tensors]
         pointers = [tensor.data_ptr() for tensor in tensors]
-        facts = [(tensor.dtype, tensor.is_cuda) for tensor in tensors]
-        return (device, *meta.values(), *others, *facts, *[pointer % 16 == 0 for pointer in pointers]), pointers
+        low_bits = 0
+        for pointer in pointers:
+            low_bits |= pointer
+        if low_bits & 15:
+            return None, pointers
+        return (device, *meta.values(), *args[self.num_tensors :], *[tensor.dtype for tensor in tensors]), pointers
 
     def launch(self, grid: tuple[int, ...], args: Sequence[object], meta: dict[str, object]) -> None:
         if not self.direct:
@@ -93,20 +102,19 @@ class _Kernel:
             return
         device = torch.cuda.current_device()
         key, pointers = self.key(device, args, meta)
-        found = self.compiled.get(key)
+        found = None if key is None else self.compiled.get(key)
         if found is None:  # Triton compiles (or finds) it, launches it and hands it back
             compiled = self.kernel[grid](*args, **meta)
-            if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
-                self.compiled[key] = compiled, [meta[name] for name in self.constexpr_names]
-            else:
+            if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
                 self.direct = False
+            elif key is not None:
+                self.compiled[key] = compiled, [meta[name] for name in self.constexpr_names]
             return
         compiled, constexprs = found
         grid_0, grid_1, grid_2 = (*grid, 1, 1)[:3]
         stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's CUDA driver reads too
         # Tensors go in as their addresses: the launcher takes an integer as it is, where for a
-        # tensor it would call data_ptr() and ask the driver whether the address is on the GPU
-        # (the key's is_cuda already says so).
+        # tensor it would call data_ptr() and ask the driver whether the address is on the GPU.
         compiled.run(
             grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None,
             *pointers, *args[self.num_tensors :], *constexprs,
