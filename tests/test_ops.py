@@ -1083,6 +1083,20 @@ def test_a_servers_decode_is_cut_into_short_partitions():
     assert (direct.partition_size, direct.num_partitions, direct.meta["TILE"]) == (1024, 2, 128)
 
 
+def test_a_batch_of_one_streams_a_long_context_in_small_tiles(monkeypatch):
+    """A batch of one has no lengths to balance: past 1 MB of keys per KV head it takes 16 KB tiles
+    and ~4 programs per multiprocessor; a shorter context, and a small batch that may vary, keep
+    32 KB tiles. (An H200's 132 multiprocessors, Llama-3-8B's 256-byte rows.)"""
+    monkeypatch.setattr(triton_attention, "_num_multiprocessors", lambda device: 132)
+
+    def config(num_seqs, context):
+        return triton_attention._launch_config(num_seqs, 8, 256, context, torch.device("cpu"), varied_lengths=False)
+
+    assert config(1, 8192) == config(1, 65536) == {"TILE": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
+    assert config(1, 4096)["TILE"] == config(8, 8192)["TILE"] == 128
+    assert config(1, 4096)["programs_per_sm"] == config(8, 8192)["programs_per_sm"] == 8
+
+
 @needs_triton
 def test_prefill_with_bounds_equals_prefill_without():
     """``max_context_len``/``max_query_len`` only size the grid: the result is the same."""

@@ -665,7 +665,9 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
         starts = torch.arange(batch, device=device, dtype=torch.int32) * context
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
         kv_bytes = 2 * tokens * NUM_KV_HEADS * HEAD_DIM * 2
-        default = triton_attention._launch_config(batch, NUM_KV_HEADS, HEAD_DIM * 2, device, varied_lengths=False)
+        default = triton_attention._launch_config(
+            batch, NUM_KV_HEADS, HEAD_DIM * 2, context, device, varied_lengths=False
+        )
         for layout in ("paged", "contiguous"):
             for name, change in variants:
                 config = dict(default)

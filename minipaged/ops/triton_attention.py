@@ -409,7 +409,7 @@ def _fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _launch_config(
-    num_seqs: int, num_kv_heads: int, row_bytes: int, device: torch.device, varied_lengths: bool
+    num_seqs: int, num_kv_heads: int, row_bytes: int, max_context_len: int, device: torch.device, varied_lengths: bool
 ) -> dict[str, int]:
     """Decode: context tile and launch shape, tuned on an H200 (notes/kernels.md).
 
@@ -428,9 +428,17 @@ def _launch_config(
     48-64 ShareGPT-like contexts that halves the kernel's time. On equal lengths the plans above
     are mostly faster (up to 25% on Llama-3-8B's shape), so a direct call keeps them
     (notes/kernels.md, "Decode plans for a server's batch").
+
+    A batch of one has no lengths to balance. Past 1 MB of keys per KV head (4K tokens at
+    Llama-3-8B's shape) its context is cut for 16 KB tiles, ~4 programs per multiprocessor: three
+    fit on one at a time, where a 32 KB tile in two stages leaves room for one. On an H200 that is
+    5-7% faster from 8K to 64K tokens. Up to 4K the big tiles are as fast or faster: up to 2K
+    their few partitions are merged by the kernel itself, in one launch (notes/kernels.md, "Stop 28").
     """
     if varied_lengths:
         return {"TILE": max(16, 8192 // row_bytes), "num_warps": 2, "num_stages": 2, "programs_per_sm": 32}
+    if num_seqs == 1 and max_context_len * row_bytes > 1 << 20:
+        return {"TILE": max(16, 16384 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
     if num_seqs * num_kv_heads < _num_multiprocessors(device):
         return {"TILE": max(16, 32768 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 8}
     return {"TILE": max(16, 16384 // row_bytes), "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
@@ -518,7 +526,7 @@ def _plan(
     head_dim_pad = next_power_of_2(head_dim)
     if decode:
         row_bytes = head_dim_pad * (4 if fp32_dot else dtype.itemsize)
-        settings = _launch_config(num_seqs, num_kv_heads, row_bytes, device, varied_lengths)
+        settings = _launch_config(num_seqs, num_kv_heads, row_bytes, max_context_len, device, varied_lengths)
     else:
         settings = _prefill_config(head_dim_pad, fp32_dot, device, max_query_len)
     settings.update(config or ())  # an override changes only what it names
