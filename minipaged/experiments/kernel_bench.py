@@ -14,7 +14,7 @@ times, on the same data:
 
 and reports latency and achieved bandwidth (K+V bytes actually needed / time). On a GPU each
 call is captured in a CUDA graph and replayed 60 times, each replay after an L2 flush (a 256 MB
-buffer rewritten), with CUDA events around the replay only; latency is the median
+buffer read), with CUDA events around the replay only; latency is the median
 (``cuda_graph_timer``), so it is device time, and the CPU time to issue a call is reported
 apart (``host_us``). A function "as called" from a notebook pays that host time too:
 ``called_us`` times each call with ``triton.testing.do_bench`` (no graph, host work
@@ -136,7 +136,11 @@ def cuda_graph_timer(fn: Callable[[], object], reps: int = 60) -> float:
 
     The graph removes Python and launch overhead from the measurement (an engine captures its
     decode step the same way), so kernels are compared on device time alone. Before each
-    replay a 256 MB buffer is rewritten, evicting the inputs from L2 (50-60 MB on Hopper).
+    replay a 256 MB buffer is read, evicting the inputs from L2 (50-60 MB on Hopper). Read, not
+    rewritten as ``triton.testing.do_bench`` does: a rewrite leaves L2 full of dirty lines, and
+    the timed kernel pays for writing them back. On an H200 that added 1-10 us to every call,
+    SDPA's and ours alike (1 x 32K: 48.8 -> 40.7 us; notes/kernels.md, "Stop 28"), a cost of the
+    flush, not of the kernel; in a model, attention follows kernels that write little.
     """
     fn()
     side = torch.cuda.Stream()
@@ -147,11 +151,11 @@ def cuda_graph_timer(fn: Callable[[], object], reps: int = 60) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = torch.zeros(128 << 20, dtype=torch.float16, device="cuda")  # 256 MB
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
-        flush.zero_()
+        flush.sum(dtype=torch.float32)
         start.record()
         graph.replay()
         end.record()
