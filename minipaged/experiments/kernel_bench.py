@@ -139,8 +139,8 @@ def cuda_graph_timer(fn: Callable[[], object], reps: int = 60) -> float:
     replay a 256 MB buffer is read, evicting the inputs from L2 (50-60 MB on Hopper). Read, not
     rewritten as ``triton.testing.do_bench`` does: a rewrite leaves L2 full of dirty lines, and
     the timed kernel pays for writing them back. On an H200 that added 1-10 us to every call,
-    SDPA's and ours alike (SDPA at 1 x 32K: 48.8 -> 40.7 us; notes/kernels.md, "Stop 28"), a cost of the
-    flush, not of the kernel; in a model, attention follows kernels that write little.
+    SDPA's and ours alike (SDPA at 1 x 32K: 48.8 -> 40.7 us; notes/kernels.md, "Stop 28"), a
+    cost of the flush, not of the kernel; in a model, attention follows kernels that write little.
     """
     fn()
     side = torch.cuda.Stream()
