@@ -124,7 +124,7 @@ def test_paged_decode_matches_reference(heads, kv_heads, head_dim, block_size, d
 
 @needs_triton
 def test_public_decode_splits_a_long_sequence(caplog):
-    """Batch 1: the heuristic cuts the context into partitions, merged by the second kernel."""
+    """Batch 1: the heuristic cuts the context into partitions, merged in the same launch."""
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache, tables, lens = random_paged(1, 200, 1, 64, 16, torch.float32, gen)
     q = torch.randn(1, 4, 64, generator=gen).to(DEVICE)
@@ -855,7 +855,7 @@ def test_unsupported_cases_run_the_reference(case, caplog):
 
 @gpu
 def test_gpu_split_k_is_deterministic():
-    """Many partitions per sequence, merged by the second kernel: repeated launches are bit-identical."""
+    """94 partitions per sequence, merged in two levels by racing programs: launches are bit-identical."""
     gen = torch.Generator().manual_seed(11)
     k_cache, v_cache, tables, lens = random_paged(4, 6000, 8, 128, 16, torch.bfloat16, gen, num_blocks=2048)
     q = torch.randn(4, 32, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
@@ -1015,55 +1015,60 @@ def test_split_k_partials_reuse_one_workspace_that_only_grows():
 
 @needs_triton
 @pytest.mark.parametrize(("heads", "kv_heads"), [(12, 4), (4, 4)])  # a group of 3 (padded to 4), and MHA
-def test_split_k_merged_in_the_kernel_equals_the_merge_kernel(heads, kv_heads):
-    """Few partitions: the last partition of each (sequence, KV head) to finish merges them all
-    (one launch); many: a second kernel does. Same result, on lengths that leave some partitions
-    of some sequences empty, and the ticket counters are back at 0 after the call (so the next
-    call, or a CUDA graph's next replay, starts clean). Sequences of 1 and 16 tokens fit one
-    partition: their one program writes the output, and their partials stay untouched."""
+def test_split_k_is_merged_in_the_kernel_in_one_or_two_levels(heads, kv_heads):
+    """The last partition of each (sequence, KV head) to finish merges them; past ``merge_group``
+    partitions the last of each group merges its group and the last group the groups. Every way
+    gives the reference's result, on lengths that leave some partitions and groups of some sequences
+    empty, and the ticket counters are back at 0 after the call (so the next call, or a CUDA graph's
+    next replay, starts clean). Sequences of 1 and 16 tokens fit one partition: their one program
+    writes the output, and their partials stay untouched."""
     gen = torch.Generator().manual_seed(23)
     k_cache, v_cache, tables, lens = random_paged(4, 90, kv_heads, 32, 8, torch.float32, gen)
     lens[1], lens[2], lens[3] = 17, 1, 16
     q = torch.randn(4, heads, 32, generator=gen).to(DEVICE)
     want = decode_reference(q, k_cache, v_cache, tables, lens)
 
-    def split_call(fuse_merge):
+    def split_call(partition_size, merge_group):
         return triton_attention.attention(
             q, k_cache, v_cache, block_tables=tables, context_lens=lens, max_context_len=90, scale=32**-0.5,
-            partition_size=16, config={"fuse_merge": fuse_merge}, out=torch.full_like(q, float("nan")),
+            partition_size=partition_size, config={"merge_group": merge_group}, out=torch.full_like(q, float("nan")),
         )  # fmt: skip
 
-    fused_plan = triton_attention._plan(
-        num_seqs=4, num_tokens=4, num_heads=heads, head_dim=32, num_kv_heads=kv_heads, paged=True, block_size=8,
-        dtype=torch.float32, device=q.device, decode=True, max_context_len=90, max_query_len=1,
-        partition_size=16, config=(("fuse_merge", 1),), varied_lengths=False,
-    )  # fmt: skip
-    assert fused_plan.merge_meta is None
-    split_call(1)  # the workspaces exist from here on
+    split_call(16, 8)  # the workspaces exist from here on
     partials = triton_attention._workspaces[WORKSPACE_DEVICE, torch.float32]
     maxes = partials[: 4 * heads * 6].view(4, heads, 6)  # 6 partitions of 16; the running maxes come first
-    for fuse_merge in (1, 0):
+    # 6 partitions in one group, in groups of 4 and 2 (two levels); 12 of 8 in 3 groups of 4, in 6 of 2.
+    for partition_size, merge_group in ((16, 8), (16, 4), (8, 4), (8, 2)):
         partials.fill_(123.0)
-        assert rel_error(split_call(fuse_merge), want) < 1e-5
-        assert (maxes[2:] == 123.0).all()  # 1 and 16 tokens: no partials
-        assert (maxes[:2, :, :2] != 123.0).all()  # 90 and 17 tokens: their first two partitions' partials
-    counters = triton_attention._workspaces[WORKSPACE_DEVICE, torch.int32]
-    assert counters.numel() >= 4 * kv_heads and not counters.any()
-    assert rel_error(split_call(1), want) < 1e-5  # and again, from the reset counters
+        assert rel_error(split_call(partition_size, merge_group), want) < 1e-5, (partition_size, merge_group)
+        if partition_size == 16:
+            assert (maxes[2:] == 123.0).all()  # 1 and 16 tokens: no partials
+            assert (maxes[:2, :, :2] != 123.0).all()  # 90 and 17 tokens: their first two partitions' partials
+        assert not triton_attention._workspaces[WORKSPACE_DEVICE, torch.int32].any()  # the counters
+    assert rel_error(split_call(16, 4), want) < 1e-5  # and again, from the reset counters
 
 
-def test_split_k_merges_in_the_kernel_only_what_one_program_can_hold():
-    """The plan fuses the merge for a handful of partitions and leaves 128 to the merge kernel."""
-    def plan(partitions):
+def test_split_k_merges_in_groups_that_one_program_can_hold(monkeypatch):
+    """A KV group's partials of up to 16 partitions (4 heads x 128 dims each) fit one program: 16
+    partitions are merged in one level, 128 in groups of 8 and then the 16 groups (a counter per
+    group and one for the groups). A group of 16 heads holds 4 partitions: groups of 2, so its
+    split-K stops at 2 x 4 = 8 partitions."""
+    def plan(partitions, num_heads=32, partition_size=256):
         return triton_attention._plan(
-            num_seqs=1, num_tokens=1, num_heads=32, head_dim=128, num_kv_heads=8, paged=True, block_size=16,
+            num_seqs=1, num_tokens=1, num_heads=num_heads, head_dim=128, num_kv_heads=8, paged=True, block_size=16,
             dtype=torch.float16, device=torch.device("cpu"), decode=True,
-            max_context_len=partitions * 256, max_query_len=1, partition_size=256, config=None,
+            max_context_len=partitions * 256, max_query_len=1, partition_size=partition_size, config=None,
             varied_lengths=False,
         )  # fmt: skip
 
-    assert plan(16).meta["MERGE"] and plan(16).merge_meta is None and plan(16).counters_numel == 8
-    assert not plan(128).meta["MERGE"] and plan(128).merge_meta is not None and plan(128).counters_numel == 0
+    assert (plan(16).meta["MERGE_GROUP"], plan(16).meta["MERGE_GROUPS"], plan(16).counters_numel) == (16, 1, 8 * 2)
+    assert (plan(128).meta["MERGE_GROUP"], plan(128).meta["MERGE_GROUPS"]) == (8, 16)
+    assert plan(128).counters_numel == 8 * (16 + 1)
+    assert plan(3).meta["MERGE_GROUP"] == 4 and plan(1).meta["SPLIT"] is False and plan(1).counters_numel == 0
+    monkeypatch.setattr(triton_attention, "_num_multiprocessors", lambda device: 132)  # an H100's count
+    assert plan(512, partition_size=None).num_partitions == 64  # ~4 programs per multiprocessor
+    assert plan(512, num_heads=128, partition_size=None).num_partitions == 8
+    triton_attention._plan.cache_clear()  # forget the plans made for 132 multiprocessors
 
 
 def test_a_servers_decode_is_cut_into_short_partitions():
@@ -1079,7 +1084,7 @@ def test_a_servers_decode_is_cut_into_short_partitions():
 
     serving, direct = plan(True), plan(False)
     assert (serving.partition_size, serving.num_partitions, serving.meta["TILE"]) == (128, 16, 64)
-    assert serving.meta["MERGE"] and serving.meta["num_warps"] == 2
+    assert serving.meta["MERGE_GROUP"] == 16 and serving.meta["num_warps"] == 2  # merged in one level
     assert (direct.partition_size, direct.num_partitions, direct.meta["TILE"]) == (1024, 2, 128)
 
 

@@ -641,8 +641,8 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
     """Time launch-parameter variants of the paged and contiguous kernel on a few shapes.
 
     Each variant changes the default configuration (``_launch_config``) in one place: the
-    context tile, warps, pipeline stages, split-K programs per multiprocessor, or where split-K's
-    partitions are merged. This is how the defaults were chosen (notes/kernels.md).
+    context tile, warps, pipeline stages or split-K programs per multiprocessor. This is how the
+    defaults were chosen (notes/kernels.md).
     """
     from minipaged.ops import triton_attention
 
@@ -656,7 +656,6 @@ def tune(device: torch.device, timer, out_dir: Path, shapes: list[tuple[int, int
         ("per_sm2", {"programs_per_sm": 2}),
         ("per_sm8", {"programs_per_sm": 8}),
         ("per_sm1", {"programs_per_sm": 1}),
-        ("two_kernels", {"fuse_merge": 0}),  # split-K merged by a second kernel even where one would do
     ]
     results = []
     for batch, context, bs in shapes:

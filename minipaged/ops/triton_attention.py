@@ -17,24 +17,23 @@ the ``[BLOCK_M, HEAD_DIM]`` query tile are (token, head-in-group) pairs).
 
 Split-K ("FlashDecoding", vLLM's paged attention v2): in decode, a sequence's context is cut
 into partitions processed by separate programs, so one long sequence still fills every
-multiprocessor. Each partition writes its normalised partial output with its running max
-and exp-sum into one float32 workspace (cached per device, not allocated per call), and they
-are merged by each partition's share of the softmax denominator. Where a KV group's partials fit
-one program's registers (up to ~16 partitions), the *last* partition of (sequence, KV head) to
-finish merges them, found by an atomic ticket counter: one launch. With more partitions, one
-program would merge them as a long serial tail, so a second small kernel merges them, one
-program per query head (notes/kernels.md, v5 and v7). A sequence whose context fits one
-partition (every sequence, without split-K) has its output written directly.
+multiprocessor. Each partition writes its normalised partial output with its running max and
+exp-sum into one float32 workspace (cached per device, not allocated per call), and they are
+merged by each partition's share of the softmax denominator, in the same launch: the *last*
+partition of (sequence, KV head) to finish, found by an atomic ticket counter, merges them. One
+program holds ~16 partitions' partials in registers; more are merged in two levels (the last of
+each group merges its group, the last group merges the groups), so no program walks a long serial
+tail and no second kernel is launched (notes/kernels.md, v5, v7 and "Stop 29"). A sequence whose
+context fits one partition (every sequence, without split-K) has its output written directly.
 
 Prefill is compute-bound, as in FlashAttention's forward pass: only the tiles on a program's
 diagonal are masked (``_attend`` with ``MASKED``), and the query blocks of one (sequence, KV
 head) are launched together, longest first, so they share its keys in L2 (notes/kernels.md).
 
 Host cost: a call does no work that grows with the batch, allocates only its output, and
-launches one kernel (two with split-K over many partitions) through ``launch.launch``, which
-skips most of Triton's per-call host work. The grid arithmetic is plain Python integers
-(``launch.cdiv``, ``launch.next_power_of_2``): ``triton.cdiv`` is a constexpr function that
-costs microseconds per call outside a kernel.
+launches one kernel through ``launch.launch``, which skips most of Triton's per-call host work.
+The grid arithmetic is plain Python integers (``launch.cdiv``, ``launch.next_power_of_2``):
+``triton.cdiv`` is a constexpr function that costs microseconds per call outside a kernel.
 
 The softmax is the online (streaming) softmax of FlashAttention, in float32 with ``exp2``.
 All row offsets are computed in int64, so pools larger than 2**31 elements work.
@@ -55,6 +54,7 @@ from minipaged.ops.launch import cdiv, launch, next_power_of_2
 LOG2_E = 1.4426950408889634
 WHOLE_CONTEXT = 1 << 30  # the partition size that means "no split-K" (a multiple of any tile)
 FUSED_MERGE_ELEMENTS = 8192  # the most partial outputs (heads x partitions x dims) one program merges
+MAX_PARTITIONS = 128  # split-K's most partitions per sequence
 
 
 @triton.jit
@@ -200,8 +200,8 @@ def _attention_kernel(
     PAGED: tl.constexpr,
     DECODE: tl.constexpr,
     SPLIT: tl.constexpr,
-    MERGE: tl.constexpr,
-    MERGE_PARTITIONS_PAD: tl.constexpr,
+    MERGE_GROUP: tl.constexpr,
+    MERGE_GROUPS: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Rows of the query tile: (token, head within the KV group) pairs.
@@ -284,28 +284,47 @@ def _attention_kernel(
     if SPLIT:
         partials_needed = used > 1
     if partials_needed:
-        # Partial results of (seq, head, partition); the workspace holds all maxes, then all
-        # sums, then all outputs (see _partials_numel).
-        slot = (seq * num_heads + head) * num_partitions + partition
         num_slots = tl.num_programs(0) * num_heads * num_partitions
-        tl.store(partials_ptr + slot, running_max, mask=row_valid)
-        tl.store(partials_ptr + num_slots + slot, running_sum, mask=row_valid)
-        part_out = partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD
-        tl.store(part_out + dims[None, :], out, mask=row_valid[:, None])
-        if MERGE:
-            # One launch instead of two: the last partition of (seq, KV head) to finish merges
-            # them all. Each takes a ticket once its partials are stored (the barrier: stored by
-            # every thread; the atomic's acquire-release: visible to the program that draws the
-            # last ticket), and the last one puts the counter back to 0 for the next call.
-            tl.debug_barrier()
-            counter = counters_ptr + seq * num_kv_heads + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
-                tl.store(counter, 0)
-                _merge(
-                    out_ptr, partials_ptr, seq, kv_head * QUERIES_PER_KV, used, num_heads, num_partitions,
-                    num_slots, stride_out_token, stride_out_head,
-                    QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM, HEAD_DIM_PAD, MERGE_PARTITIONS_PAD,
+        slot = (seq * num_heads + head) * num_partitions + partition
+        _store_partial(partials_ptr, slot, num_slots, running_max, running_sum, out, row_valid, HEAD_DIM_PAD)
+        # The last partition of (seq, KV head) to finish merges them, found by a ticket counter:
+        # each program takes one once its partials are stored (the barrier: stored by every thread;
+        # the atomic's acquire-release: visible to whoever draws the last ticket). Partitions come in
+        # groups of MERGE_GROUP, as many as one program merges at once (their partials in registers).
+        # With more than one group, the last of each group merges it into the group's first slot
+        # (its partials are read by then) and the last group to finish merges the groups. A counter
+        # goes back to 0 for the next call.
+        tl.debug_barrier()
+        num_groups = 1 if MERGE_GROUPS == 1 else tl.cdiv(used, MERGE_GROUP)  # constant: one level is compiled alone
+        groups_max = tl.cdiv(num_partitions, MERGE_GROUP)  # counters per (seq, KV head): one per group, one for all
+        counters = counters_ptr + (seq * num_kv_heads + kv_head) * (groups_max + 1)
+        group = partition // MERGE_GROUP
+        first, in_group = group * MERGE_GROUP, tl.minimum(used - group * MERGE_GROUP, MERGE_GROUP)
+        first_head = kv_head * QUERIES_PER_KV
+        if tl.atomic_add(counters + group, 1, sem="acq_rel") == in_group - 1:
+            tl.store(counters + group, 0)
+            top, total, merged = _merge(
+                partials_ptr, seq, first_head, first, 1, in_group, num_heads, num_partitions, num_slots,
+                QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM_PAD, MERGE_GROUP,
+            )  # fmt: skip
+            if num_groups == 1:
+                _store_heads(out_ptr, seq, first_head, merged, stride_out_token, stride_out_head,
+                             QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM, HEAD_DIM_PAD)  # fmt: skip
+            else:
+                heads = tl.arange(0, QUERIES_PER_KV_PAD)
+                group_slot = (seq * num_heads + first_head + heads) * num_partitions + first
+                _store_partial(
+                    partials_ptr, group_slot, num_slots, top, total, merged, heads < QUERIES_PER_KV, HEAD_DIM_PAD
                 )  # fmt: skip
+                tl.debug_barrier()
+                if tl.atomic_add(counters + groups_max, 1, sem="acq_rel") == num_groups - 1:
+                    tl.store(counters + groups_max, 0)
+                    top, total, merged = _merge(
+                        partials_ptr, seq, first_head, 0, MERGE_GROUP, num_groups, num_heads, num_partitions,
+                        num_slots, QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM_PAD, MERGE_GROUPS,
+                    )  # fmt: skip
+                    _store_heads(out_ptr, seq, first_head, merged, stride_out_token, stride_out_head,
+                                 QUERIES_PER_KV, QUERIES_PER_KV_PAD, HEAD_DIM, HEAD_DIM_PAD)  # fmt: skip
     else:
         out_rows = (first_query + token).to(tl.int64) * stride_out_token + head * stride_out_head
         tl.store(
@@ -316,19 +335,30 @@ def _attention_kernel(
 
 
 @triton.jit
+def _store_partial(partials_ptr, slot, num_slots, running_max, running_sum, out, valid, HEAD_DIM_PAD: tl.constexpr):
+    """A partition's result for the merge, at ``slot`` of the workspace (rows ``valid``): its running
+    max and exp-sum per row and its normalised output (all maxes, then all sums, then all outputs;
+    see ``_partials_numel``)."""
+    tl.store(partials_ptr + slot, running_max, mask=valid)
+    tl.store(partials_ptr + num_slots + slot, running_sum, mask=valid)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    tl.store(partials_ptr + 2 * num_slots + slot[:, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, :], out,
+             mask=valid[:, None])  # fmt: skip
+
+
+@triton.jit
 def _merge(
-    out_ptr, partials_ptr, seq, first_head, used, num_heads, num_partitions, num_slots,
-    stride_out_seq, stride_out_head,
-    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PARTITIONS_PAD: tl.constexpr,
+    partials_ptr, seq, first_head, first, stride, count, num_heads, num_partitions, num_slots,
+    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
-    """Second half of split-K for query heads ``first_head .. first_head + HEADS`` of one
-    sequence: each of the ``used`` partitions' outputs weighs by its share of the softmax
-    denominator. Loads skip L1 (``.cg``): in the fused merge, other programs wrote them."""
+    """Split-K's second half for query heads ``first_head .. first_head + HEADS`` of one sequence:
+    the partials of partitions ``first, first + stride, ...`` (``count`` of them, at most ``PARTS``),
+    each weighed by its share of the softmax denominator. Returns them as one partial: a max, an
+    exp-sum and the normalised output per head. Loads skip L1 (``.cg``): other programs wrote them."""
     heads = tl.arange(0, HEADS_PAD)
-    parts = tl.arange(0, PARTITIONS_PAD)
-    valid = (heads[:, None] < HEADS) & (parts[None, :] < used)
-    slot = (seq * num_heads + first_head + heads[:, None]) * num_partitions + parts[None, :]  # [heads, partitions]
+    parts = tl.arange(0, PARTS)
+    valid = (heads[:, None] < HEADS) & (parts[None, :] < count)
+    slot = (seq * num_heads + first_head + heads[:, None]) * num_partitions + first + parts[None, :] * stride
     maxes = tl.load(partials_ptr + slot, mask=valid, other=float("-inf"), cache_modifier=".cg")
     sums = tl.load(partials_ptr + num_slots + slot, mask=valid, other=0.0, cache_modifier=".cg")
     real_head = heads < HEADS
@@ -338,38 +368,20 @@ def _merge(
     dims = tl.arange(0, HEAD_DIM_PAD)
     part_out = partials_ptr + 2 * num_slots + slot[:, :, None].to(tl.int64) * HEAD_DIM_PAD + dims[None, None, :]
     partial = tl.load(part_out, mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(partial * weights[:, :, None], axis=1) / total[:, None]
-    out_rows = seq.to(tl.int64) * stride_out_seq + (first_head + heads) * stride_out_head
-    tl.store(
-        out_ptr + out_rows[:, None] + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=real_head[:, None] & (dims[None, :] < HEAD_DIM),
-    )
+    return top, total, tl.sum(partial * weights[:, :, None], axis=1) / total[:, None]
 
 
 @triton.jit
-def _merge_partitions_kernel(
-    out_ptr,
-    partials_ptr,
-    lens_ptr,
-    partition_size,
-    num_partitions,
-    num_heads,
-    stride_out_seq, stride_out_head,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    PARTITIONS_PAD: tl.constexpr,
-):
-    """Split-K's second pass as its own kernel, one program per (sequence, query head): for
-    many partitions, where one program merging a whole group would be a long serial tail."""
-    seq = tl.program_id(0)
-    used = tl.cdiv(tl.load(lens_ptr + seq), partition_size)
-    num_slots = tl.num_programs(0) * num_heads * num_partitions
-    if used > 1:  # one partition: the attention kernel wrote the output itself
-        _merge(
-            out_ptr, partials_ptr, seq, tl.program_id(1), used, num_heads, num_partitions, num_slots,
-            stride_out_seq, stride_out_head, 1, 1, HEAD_DIM, HEAD_DIM_PAD, PARTITIONS_PAD,
-        )  # fmt: skip
+def _store_heads(
+    out_ptr, seq, first_head, out, stride_out_seq, stride_out_head,
+    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """The merged output of query heads ``first_head .. first_head + HEADS`` of one sequence."""
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    rows = seq.to(tl.int64) * stride_out_seq + (first_head + heads) * stride_out_head
+    tl.store(out_ptr + rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(heads[:, None] < HEADS) & (dims[None, :] < HEAD_DIM))  # fmt: skip
 
 
 @functools.cache
@@ -386,7 +398,7 @@ def choose_partition_size(
     device: torch.device,
     tile: int,
     programs_per_sm: int = 2,
-    max_partitions: int = 128,
+    max_partitions: int = MAX_PARTITIONS,
 ) -> int:
     """Smallest power-of-two partition (>= tile) that still gives ~programs_per_sm programs per SM.
 
@@ -496,8 +508,7 @@ class _Plan:
     num_partitions: int
     meta: dict[str, int | bool]  # the kernel's constexprs and launch options
     partials_numel: int  # 0 without split-K
-    counters_numel: int  # 0 unless the kernel merges its partitions itself (MERGE)
-    merge_meta: dict[str, int] | None  # the merge kernel's, when split-K needs it
+    counters_numel: int  # the merge's ticket counters (0 without split-K)
 
 
 @functools.cache
@@ -524,6 +535,7 @@ def _plan(
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     head_dim_pad = next_power_of_2(head_dim)
+    max_group = max(2, FUSED_MERGE_ELEMENTS // (group_pad * head_dim_pad))  # partitions one merge holds
     if decode:
         row_bytes = head_dim_pad * (4 if fp32_dot else dtype.itemsize)
         settings = _launch_config(num_seqs, num_kv_heads, row_bytes, max_context_len, device, varied_lengths)
@@ -540,7 +552,8 @@ def _plan(
         )
         if partition_size is None:
             partition_size = choose_partition_size(
-                num_seqs, num_kv_heads, max_context_len, device, tile, settings.get("programs_per_sm", 2)
+                num_seqs, num_kv_heads, max_context_len, device, tile, settings.get("programs_per_sm", 2),
+                max_partitions=min(MAX_PARTITIONS, max(2, max_group // 2) * max_group),
             )
         num_partitions = cdiv(max_context_len, partition_size)
     else:
@@ -549,27 +562,25 @@ def _plan(
     split = num_partitions > 1
     if not split:  # one partition holds any context: one value, so one launch key for every length
         partition_size = WHOLE_CONTEXT
-    partitions_pad = max(2, next_power_of_2(num_partitions))
-    # The kernel merges its own partitions when one program can hold a KV group's partials in
-    # registers; many partitions are merged by the second kernel, one program per query head.
-    fits = group_pad * partitions_pad * head_dim_pad <= FUSED_MERGE_ELEMENTS
-    fused = split and bool(settings.get("fuse_merge", fits))
+    # The merge (see the kernel's tail): one level when a program holds every partition's partials;
+    # else groups of half that, so the group merges on the launch's tail are short, and one level more.
+    merge_group = settings.get("merge_group", max_group if num_partitions <= max_group else max(2, max_group // 2))
+    merge_group = min(merge_group, max(2, next_power_of_2(num_partitions)))
+    merge_groups = next_power_of_2(cdiv(num_partitions, merge_group))  # the second level's (1: none)
     meta = dict(
         QUERIES_PER_KV=group, QUERIES_PER_KV_PAD=group_pad, BLOCK_M=block_m,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, TILE=tile,
-        PAGED=paged, DECODE=decode, SPLIT=split, MERGE=fused, MERGE_PARTITIONS_PAD=partitions_pad if fused else 1,
+        PAGED=paged, DECODE=decode, SPLIT=split,
+        MERGE_GROUP=merge_group if split else 1, MERGE_GROUPS=merge_groups if split else 1,
         FP32_DOT=fp32_dot, num_warps=settings["num_warps"], num_stages=settings["num_stages"],
     )  # fmt: skip
-    merge_meta = None
-    if split and not fused:
-        merge_meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITIONS_PAD=partitions_pad, num_warps=4)
     partials = _partials_numel(num_seqs, num_heads, num_partitions, head_dim_pad) if split else 0
     if decode:
         grid = (num_seqs, num_kv_heads, num_partitions)
     else:  # room for every sequence's query blocks, for every KV head (see _find_sequence)
         grid = ((num_tokens // (block_m // group_pad) + num_seqs) * num_kv_heads, 1, 1)
-    return _Plan(grid, partition_size, num_partitions, meta, partials, num_seqs * num_kv_heads if fused else 0,
-                 merge_meta)
+    counters = num_seqs * num_kv_heads * (cdiv(num_partitions, merge_group) + 1) if split else 0
+    return _Plan(grid, partition_size, num_partitions, meta, partials, counters)
 
 
 def attention(
@@ -611,7 +622,7 @@ def attention(
     out = torch.empty_like(q) if out is None else out  # a third of torch.empty(q.shape, ...)'s host time
     # Triton wants a tensor for every pointer argument, also for those a constexpr switch leaves
     # unread: the block table or the slab starts (PAGED), the query starts (DECODE), the split-K
-    # partials (SPLIT) and the merge's counters (MERGE). Those get a tensor already at hand
+    # partials and the merge's counters (SPLIT). Those get a tensor already at hand
     # (``context_lens``, ``out``), so nothing is allocated for them.
     unread = context_lens
     partials = _workspace(q.device, plan.partials_numel) if plan.partials_numel else out
@@ -639,10 +650,4 @@ def attention(
         ),
         **plan.meta,
     )  # fmt: skip
-    if plan.merge_meta is not None:
-        launch(
-            _merge_partitions_kernel, (num_seqs, num_heads),
-            (out, partials, context_lens, plan.partition_size, plan.num_partitions, num_heads, *out_strides[:2]),
-            **plan.merge_meta,
-        )  # fmt: skip
     return out
